@@ -1,1 +1,220 @@
-//! xfer-net
+//! xfer-net: network namespaces, links, addresses, routes and rate shaping
+//! for xfer's lab (`xfer lab up/down`) and, later, its Mobile-IP-style
+//! handover.
+//!
+//! # The API
+//!
+//! * [`NetOps`] is the trait the rest of xfer programs against (generic
+//!   `N: NetOps`; its methods return `Send` futures). [`Netlink`] is the real
+//!   implementation, built on the `rtnetlink` crate (no `ip` subprocesses).
+//!   Every link, address and route operation takes an [`Ns`] first: the root
+//!   namespace (the one the process runs in) or a named one.
+//! * Named network namespaces are iproute2-compatible: `/run/netns/<name>`
+//!   bind mounts, so `ip netns list` and `ip netns exec <name> …` work on
+//!   them, and the other way round. The free functions [`create_netns`],
+//!   [`delete_netns`], [`list_netns`], [`netns_exists`] do the work and are
+//!   blocking but quick; the trait methods wrap them.
+//! * Programs: [`spawn_in_netns`] starts a `std::process::Command` in a named
+//!   network namespace only (not a new mount namespace as `ip netns exec`
+//!   does, so daemons like containerd share the host's mounts);
+//!   [`command_in_netns`] prepares a command for that (also usable through
+//!   `tokio::process::Command::from`). [`pids_in_netns`] finds every process
+//!   that has a thread in a namespace, to kill what a lab host left behind.
+//! * Code: [`run_in_netns`] runs a closure on a fresh thread that has entered
+//!   a namespace. Sockets stay bound to the namespace they were created in,
+//!   so a `TcpListener` created there can be handed back and used anywhere.
+//! * Shaping: [`NetOps::shape`] / [`NetOps::unshape`] install or remove an
+//!   htb root qdisc limiting a link's *egress*. Shaping the root-side end of
+//!   a veth pair limits what flows into the namespace; shaping the end inside
+//!   the namespace limits what flows out. The htb qdisc and class are made
+//!   by running `tc` (rtnetlink has no htb support), inside the namespace
+//!   for [`Ns::Named`], in the caller's for [`Ns::Root`].
+//! * Errors: one [`NetError`] enum, a variant per operation, each with the
+//!   object's name and the OS/netlink cause as `source()`.
+//!
+//! # How netlink reaches a named namespace
+//!
+//! A netlink socket belongs to the network namespace it was created in,
+//! whichever thread uses it later. [`Netlink`] holds one connection opened in
+//! the root namespace at [`Netlink::new`]. For an operation in a named
+//! namespace, [`Netlink::handle`] spawns a short-lived std thread that
+//! `setns()`s into `/run/netns/<name>`, creates the rtnetlink socket there
+//! (entering the caller's tokio runtime so the socket registers with its
+//! reactor) and exits; the connection task then runs on the caller's runtime
+//! and ends when the returned handle is dropped. No runtime thread ever
+//! changes namespace, and nothing is cached, so a namespace that is deleted
+//! and re-created under the same name is never confused with the old one
+//! (a cached socket would also keep a deleted namespace alive).
+//!
+//! Tunnels are not implemented yet; a later `create_vxlan(ns, &VxlanSpec)`
+//! will sit next to [`NetOps::create_bridge`] and [`NetOps::create_veth`].
+//!
+//! Everything needs root (`CAP_NET_ADMIN` and `CAP_SYS_ADMIN`), a tokio
+//! runtime with I/O enabled, and for shaping the `tc` program (iproute2).
+//!
+//! # Example
+//!
+//! One lab host: a namespace `h1` whose `eth0` hangs off bridge `xl-br` in
+//! the root namespace, reachable at 10.254.1.2, with 10 Mbit/s towards it.
+//!
+//! ```no_run
+//! use std::net::Ipv4Addr;
+//! use std::process::Command;
+//! use xfer_net::{spawn_in_netns, Netlink, NetOps, Ns};
+//!
+//! # async fn lab() -> Result<(), Box<dyn std::error::Error>> {
+//! let net = Netlink::new()?;
+//! net.create_netns("h1").await?;
+//! net.create_bridge(Ns::Root, "xl-br").await?;
+//! net.create_veth(Ns::Root, "xl-h1", "eth0", Ns::Named("h1")).await?;
+//! net.set_master(Ns::Root, "xl-h1", "xl-br").await?;
+//! net.set_link_up(Ns::Root, "xl-h1").await?;
+//! net.loopback_up("h1").await?;
+//! net.set_link_up(Ns::Named("h1"), "eth0").await?;
+//! net.add_address(Ns::Named("h1"), "eth0", "10.254.1.2/24".parse()?).await?;
+//! net.add_default_route(Ns::Named("h1"), Ipv4Addr::new(10, 254, 1, 1)).await?;
+//! net.shape(Ns::Root, "xl-h1", 10_000_000).await?;
+//!
+//! let mut daemon = spawn_in_netns("h1", Command::new("sleep"))?;
+//! daemon.kill()?;
+//! daemon.wait()?;
+//!
+//! net.delete_link(Ns::Root, "xl-br").await?;
+//! net.delete_netns("h1").await?; // also destroys the veth pair
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+
+mod error;
+mod names;
+mod netlink;
+mod netns;
+mod shape;
+
+pub use error::{NameKind, NetError, NsLabel};
+pub use names::{
+    validate_ifname, validate_netns_name, CidrError, Ipv4Cidr, NameError, MAX_IFNAME_LEN,
+    MAX_NETNS_NAME_LEN,
+};
+pub use netlink::Netlink;
+pub use netns::{
+    command_in_netns, create_netns, delete_netns, list_netns, netns_exists, netns_path, open_netns,
+    pids_in_netns, run_in_netns, spawn_in_netns, NETNS_RUN_DIR,
+};
+pub use rtnetlink;
+pub use shape::{htb_commands, MAX_RATE_BITS_PER_SEC};
+
+/// The network namespace an operation acts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ns<'a> {
+    /// The namespace of the process (for [`Netlink`]: of the thread that
+    /// called [`Netlink::new`]), normally the host's.
+    Root,
+    /// A named namespace, `/run/netns/<name>`.
+    Named(&'a str),
+}
+
+/// Network operations used by the lab and the handover. Implemented for
+/// real by [`Netlink`]; a fake can implement it for tests.
+///
+/// The futures are `Send`, so `N: NetOps` can be used from spawned tasks.
+/// (Methods return `impl Future`, so the trait is used generically, not as
+/// `dyn NetOps`.)
+pub trait NetOps: Send + Sync {
+    /// Create a named network namespace, like `ip netns add NAME`. Fails if
+    /// it exists.
+    fn create_netns(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Delete a named network namespace, like `ip netns delete NAME`
+    /// ([`NetError::is_not_found`] if there is none).
+    fn delete_netns(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Names of all named network namespaces, sorted.
+    fn list_netns(&self) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
+
+    /// Whether the named network namespace exists.
+    fn netns_exists(&self, name: &str) -> impl Future<Output = Result<bool, NetError>> + Send;
+
+    /// Create a bridge `name` in `ns`; it is created up.
+    fn create_bridge(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Create a veth pair: `name` in `ns` and its peer `peer` directly in
+    /// `peer_ns` (created there atomically under that name, e.g. `eth0`, so
+    /// no temporary name or rename is needed). Both ends start down.
+    fn create_veth(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+        peer: &str,
+        peer_ns: Ns<'_>,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Set link `name` in `ns` up.
+    fn set_link_up(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Bring `lo` up in the named namespace.
+    fn loopback_up(&self, netns: &str) -> impl Future<Output = Result<(), NetError>> + Send {
+        self.set_link_up(Ns::Named(netns), "lo")
+    }
+
+    /// Attach link `name` to bridge `bridge` (both in `ns`), like
+    /// `ip link set NAME master BRIDGE`.
+    fn set_master(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+        bridge: &str,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Delete link `name` in `ns` (for a veth, both ends go).
+    /// [`NetError::is_not_found`] if there is none.
+    fn delete_link(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Names of all links in `ns`, sorted (e.g. to clean up leftovers by
+    /// prefix).
+    fn list_links(&self, ns: Ns<'_>) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
+
+    /// Add an IPv4 address with prefix to link `link` in `ns`.
+    fn add_address(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+        addr: Ipv4Cidr,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Add a default route via `gateway` in `ns`.
+    fn add_default_route(
+        &self,
+        ns: Ns<'_>,
+        gateway: Ipv4Addr,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Limit the egress of link `link` in `ns` to `rate_bits_per_sec`
+    /// (htb; replaces any root qdisc the link had, so it can be called again
+    /// to change the rate).
+    fn shape(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+        rate_bits_per_sec: u64,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Remove the root qdisc of link `link` in `ns` (back to the default);
+    /// nothing to do if it has none.
+    fn unshape(&self, ns: Ns<'_>, link: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+}
