@@ -1,1 +1,145 @@
-//! End-to-end test helpers.
+//! Helpers of the end-to-end tests: a lab per test that is torn down even when the
+//! test fails, and the checks those tests share.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use xfer_agent::client::Client;
+use xfer_lab::{Lab, LabSpec};
+
+/// Fails the test (never skips) unless it runs as root with the tools it needs.
+pub fn require_root_stack() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this end-to-end test needs root (network namespaces, containerd, CRIU): run it as root, e.g. through `cargo xtask test`"
+    );
+    for tool in ["containerd", "runc", "criu", "iptables", "redis-cli"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/local/sbin"), PathBuf::from("/usr/sbin")]).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        assert!(found, "this end-to-end test needs `{tool}` on PATH: run `cargo xtask setup` first");
+    }
+}
+
+/// The xferd binary built next to the test binaries.
+pub fn xferd_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> -> target/debug/xferd
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join("xferd");
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// A lab that goes down when dropped, also when the test panics.
+#[derive(Debug)]
+pub struct TestLab {
+    pub lab: Lab,
+}
+
+impl TestLab {
+    /// Brings up a lab with `nodes` hosts under `prefix` (clearing leftovers first).
+    pub async fn up(prefix: &str, nodes: usize) -> TestLab {
+        require_root_stack();
+        let lab = xfer_lab::up(&LabSpec {
+            prefix: prefix.to_string(),
+            nodes,
+            rates: Vec::new(),
+            xferd: xferd_path(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
+        TestLab { lab }
+    }
+
+    /// A client of host `name`'s agent.
+    pub async fn agent(&self, name: &str) -> Client {
+        let h = self.lab.host(name).expect("host");
+        Client::connect(&h.endpoint)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {name}: {}", chain(&e)))
+    }
+
+    /// Imports a lab image into a host.
+    pub async fn import(&self, host: &str, kind: &str) {
+        let h = self.lab.host(host).expect("host");
+        xfer_lab::import_image(h, kind)
+            .await
+            .unwrap_or_else(|e| panic!("import {kind} into {host}: {}", chain(&e)));
+    }
+
+    /// Runs a program in the client namespace; returns stdout, panics on failure.
+    pub fn client_exec(&self, args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = self.lab.exec("client", &args).expect("exec in client namespace");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let prefix = self.lab.prefix.clone();
+        // Drop may run inside a runtime: tear down on a thread with its own.
+        let res = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(xfer_lab::down(&prefix)).map_err(|e| chain(&e))
+        })
+        .join();
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("lab down failed: {e}"),
+            Err(_) => eprintln!("lab down panicked"),
+        }
+    }
+}
+
+/// The whole error chain as one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// The pid of a container's task on a host, if running.
+pub async fn task_pid(c: &mut Client, id: &str) -> Option<(u32, String)> {
+    c.list()
+        .await
+        .expect("list containers")
+        .into_iter()
+        .find(|ci| ci.id == id)
+        .map(|ci| (ci.pid, ci.status))
+}
+
+/// Reads a file inside a running container, through /proc/PID/root.
+pub fn read_in(pid: u32, path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/root{path}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Waits until `f` returns Some, or panics with `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

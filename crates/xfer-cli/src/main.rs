@@ -1,1 +1,299 @@
-fn main() {}
+//! `xfer`: the command line. A thin layer over `xfer-agent`'s client API and
+//! `xfer-lab`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use xfer_agent::client::{Client, Mode};
+use xfer_lab::{Lab, LabSpec};
+
+#[derive(Debug, Parser)]
+#[command(name = "xfer", version, about = "Live-migrate containerd containers between edge hosts")]
+struct Cli {
+    /// Lab whose hosts names like `h1` refer to.
+    #[arg(long, global = true, env = "XFER_LAB", default_value = "xl")]
+    prefix: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The local multi-host lab.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Registry-free images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Start a container on a host.
+    Run {
+        /// Host name in the lab (h1) or agent endpoint (http://ADDR:PORT).
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: String,
+        /// Environment variables (KEY=VALUE).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+    /// List the containers of a host.
+    Ps {
+        #[arg(long)]
+        host: String,
+    },
+    /// Kill and remove a container.
+    Rm {
+        #[arg(long)]
+        host: String,
+        name: String,
+    },
+    /// Migrate a running container to another host.
+    Migrate {
+        /// The container.
+        container: String,
+        /// Source host (lab name or endpoint).
+        #[arg(long)]
+        from: String,
+        /// Destination host (lab name or endpoint).
+        #[arg(long)]
+        to: String,
+        /// cold | precopy | postcopy | hybrid | auto (only cold is implemented).
+        #[arg(long, default_value = "cold")]
+        mode: Mode,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Test hook: make a destination step fail (prepare, transfer, restore).
+        #[arg(long, hide = true, default_value = "")]
+        inject_failure: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCmd {
+    /// Create the lab (clearing a crashed earlier one of the same prefix first).
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Rate limit of a host's link, both directions: HOST=RATE (e.g. h2=100mbit).
+        #[arg(long = "rate")]
+        rates: Vec<String>,
+        /// The xferd binary (default: next to this binary).
+        #[arg(long)]
+        xferd: Option<PathBuf>,
+    },
+    /// Remove everything the lab made.
+    Down,
+    /// Hosts, addresses and daemons.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a program inside a lab namespace (a host or `client`).
+    Exec {
+        #[arg(long)]
+        node: String,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build an image (busybox or redis, from this machine's binaries) and import it
+    /// into a host's containerd.
+    Import {
+        #[arg(long)]
+        host: String,
+        /// busybox | redis
+        kind: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XFER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,netlink_packet_route=error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("xfer: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn endpoint(prefix: &str, host: &str) -> anyhow::Result<String> {
+    if host.contains("://") {
+        return Ok(host.to_string());
+    }
+    let lab = Lab::load(prefix)?;
+    Ok(lab.host(host)?.endpoint.clone())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let prefix = cli.prefix.clone();
+    match cli.cmd {
+        Cmd::Lab { cmd } => lab(&prefix, cmd).await,
+        Cmd::Image { cmd: ImageCmd::Import { host, kind } } => {
+            let lab = Lab::load(&prefix)?;
+            let h = lab.host(&host)?;
+            let t = std::time::Instant::now();
+            let imported = xfer_lab::import_image(h, &kind).await?;
+            println!(
+                "imported {kind} into {host}: manifest {} ({} layers) in {:.0} ms",
+                imported.manifest.digest,
+                imported.layers.len(),
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(())
+        }
+        Cmd::Run { host, image, name, env, args } => {
+            let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
+            let pid = c.run(&name, &image, &args, &env).await?;
+            println!("started {name} on {host} (pid {pid})");
+            Ok(())
+        }
+        Cmd::Ps { host } => {
+            let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
+            println!("{:<24} {:<12} {:<10} PID", "CONTAINER", "IMAGE", "STATUS");
+            for ci in c.list().await? {
+                println!("{:<24} {:<12} {:<10} {}", ci.id, ci.image, ci.status, ci.pid);
+            }
+            Ok(())
+        }
+        Cmd::Rm { host, name } => {
+            let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
+            c.remove(&name).await?;
+            println!("removed {name} from {host}");
+            Ok(())
+        }
+        Cmd::Migrate { container, from, to, mode, json, inject_failure } => {
+            let src = endpoint(&prefix, &from)?;
+            let dst = endpoint(&prefix, &to)?;
+            let mut c = Client::connect(&src).await.with_context(|| format!("source {from}"))?;
+            if !json {
+                println!("migrating {container}: {from} -> {to} ({mode:?})");
+            }
+            let report = c
+                .migrate_with(&container, &dst, mode, &inject_failure, |p| {
+                    if !json {
+                        println!("  {:<16} {:>9.1} ms {:>12} bytes", p.name, p.micros as f64 / 1000.0, p.bytes);
+                    }
+                })
+                .await
+                .with_context(|| format!("migrate {container} from {from} to {to}"))?;
+            if json {
+                let phases: Vec<_> = report
+                    .phases
+                    .iter()
+                    .map(|p| serde_json::json!({"name": p.name, "ms": p.micros as f64 / 1000.0, "bytes": p.bytes}))
+                    .collect();
+                let v = serde_json::json!({
+                    "migration_id": report.migration_id,
+                    "container": report.container_id,
+                    "source": report.source,
+                    "destination": report.destination,
+                    "mode": format!("{mode:?}").to_lowercase(),
+                    "phases": phases,
+                    "total_ms": report.total_micros as f64 / 1000.0,
+                    "downtime_ms": report.downtime_micros as f64 / 1000.0,
+                    "bytes_sent": report.bytes_sent,
+                    "restored_pid": report.restored_pid,
+                    "image_blobs_sent": report.image_blobs_sent,
+                    "image_blobs_skipped": report.image_blobs_skipped,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "done: total {:.1} ms, downtime {:.1} ms, {} bytes on the wire, image blobs sent {} / skipped {}, restored pid {}",
+                    report.total_micros as f64 / 1000.0,
+                    report.downtime_micros as f64 / 1000.0,
+                    report.bytes_sent,
+                    report.image_blobs_sent,
+                    report.image_blobs_skipped,
+                    report.restored_pid
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up { nodes, rates, xferd } => {
+            let xferd = match xferd {
+                Some(p) => p,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("locate this binary's directory")?
+                    .join("xferd"),
+            };
+            let rates = rates.iter().map(|r| xfer_lab::parse_rate(r)).collect::<Result<Vec<_>, _>>()?;
+            let t = std::time::Instant::now();
+            let lab = xfer_lab::up(&LabSpec { prefix: prefix.to_string(), nodes, rates, xferd }).await?;
+            println!("lab {} up in {:.1} s", lab.prefix, t.elapsed().as_secs_f64());
+            print_status(&lab);
+            Ok(())
+        }
+        LabCmd::Down => {
+            let rep = xfer_lab::down(prefix).await?;
+            println!(
+                "lab {prefix} down: killed {} processes, removed {} namespaces, {} links, {} mounts",
+                rep.killed.len(),
+                rep.namespaces.len(),
+                rep.links.len(),
+                rep.mounts
+            );
+            Ok(())
+        }
+        LabCmd::Status { json } => {
+            let lab = Lab::load(prefix)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lab)?);
+            } else {
+                print_status(&lab);
+            }
+            Ok(())
+        }
+        LabCmd::Exec { node, args } => {
+            let lab = Lab::load(prefix)?;
+            let out = lab.exec(&node, &args)?;
+            use std::io::Write;
+            std::io::stdout().write_all(&out.stdout)?;
+            std::io::stderr().write_all(&out.stderr)?;
+            std::process::exit(out.status.code().unwrap_or(1));
+        }
+    }
+}
+
+fn print_status(lab: &Lab) {
+    println!("lab {} subnet {}/24 bridge {} gateway {}", lab.prefix, lab.subnet, lab.bridge, lab.gateway);
+    println!("  {:<8} {:<15} {:<26} {:<18} {:<14} RATE", "HOST", "ADDRESS", "AGENT", "CONTAINERD", "XFERD");
+    for h in &lab.hosts {
+        let st = |pid: u32| if Lab::alive(pid) { format!("pid {pid}") } else { format!("DEAD ({pid})") };
+        println!(
+            "  {:<8} {:<15} {:<26} {:<18} {:<14} {}",
+            h.name,
+            h.address.to_string(),
+            h.endpoint,
+            st(h.containerd_pid),
+            st(h.xferd_pid),
+            h.rate_bits.map(|r| format!("{} Mbit/s", r / 1_000_000)).unwrap_or_else(|| "-".into())
+        );
+    }
+    println!("  {:<8} {:<15}", "client", lab.client.address.to_string());
+}

@@ -1,1 +1,667 @@
-//! xfer-lab
+//! `xfer-lab`: several edge hosts on one machine, for demos, tests and benchmarks.
+//!
+//! `up` makes, for a lab named by a short prefix `P`:
+//! * a bridge `P-br` in the root namespace with the subnet's `.254` address;
+//! * per host `hN`: a network namespace `P-hN`, a veth pair (`P-hN` on the bridge,
+//!   `eth0` inside) with address `.N`, its own containerd (own root, state and socket
+//!   under `/var/lib/xfer-lab/P/hN`, containerd namespace `xfer-P-hN` so runc's state
+//!   directories do not collide), and its own `xferd` listening on `.N:7070`;
+//! * a client namespace `P-client` with address `.100`;
+//! * optional rate limits (tc htb) on both directions of a host's link.
+//!
+//! `down` removes every process, mount, cgroup, runc state directory, namespace, link
+//! and directory of the lab. `up` runs `down` first, so it also clears what a crashed
+//! run left behind. Labs with different prefixes (and subnets) coexist.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use xfer_net::{NetOps, Netlink, Ns};
+use xfer_runtime::containerd::HostConfig;
+use xfer_runtime::daemon::DaemonConfig;
+
+/// Where labs keep their files.
+pub const LAB_ROOT: &str = "/var/lib/xfer-lab";
+/// Port of each host's xferd.
+pub const AGENT_PORT: u16 = 7070;
+
+/// What went wrong in the lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("lab prefix {0:?} is not valid: use 1-6 lower-case letters or digits, starting with a letter")]
+    ParsePrefix(String),
+    #[error("lab {0} is not up (no {1}): run `xfer lab up --prefix {0}`")]
+    Load(String, PathBuf),
+    #[error("lab {prefix} has no host {host:?}; hosts are {hosts}")]
+    FindHost {
+        prefix: String,
+        host: String,
+        hosts: String,
+    },
+    #[error("network set-up of {what}")]
+    Net {
+        what: String,
+        #[source]
+        source: xfer_net::NetError,
+    },
+    #[error("{what}")]
+    Runtime {
+        what: String,
+        #[source]
+        source: xfer_runtime::RuntimeError,
+    },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("start {what}: {detail}")]
+    Start { what: String, detail: String },
+    #[error("the lab needs root (network namespaces, containerd, CRIU); run it as root")]
+    NotRoot,
+    #[error("rate {0:?} is not valid: use HOST=RATE with RATE like 100mbit, 1gbit or 500kbit")]
+    ParseRate(String),
+}
+
+/// One lab host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub netns: String,
+    pub address: Ipv4Addr,
+    pub dir: PathBuf,
+    pub containerd_socket: PathBuf,
+    pub containerd_namespace: String,
+    pub containerd_pid: u32,
+    pub xferd_pid: u32,
+    pub endpoint: String,
+    pub rate_bits: Option<u64>,
+}
+
+impl LabHost {
+    /// The runtime view of this host, for code that drives its containerd directly.
+    pub fn host_config(&self) -> HostConfig {
+        HostConfig {
+            socket: self.containerd_socket.clone(),
+            namespace: self.containerd_namespace.clone(),
+            snapshotter: "overlayfs".into(),
+            netns: Some(xfer_net::netns_path(&self.netns)),
+            log_dir: self.dir.join("logs"),
+        }
+    }
+}
+
+/// The client namespace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabClient {
+    pub netns: String,
+    pub address: Ipv4Addr,
+}
+
+/// A lab that is up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lab {
+    pub prefix: String,
+    pub subnet: Ipv4Addr,
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    pub hosts: Vec<LabHost>,
+    pub client: LabClient,
+}
+
+/// How to bring a lab up.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub prefix: String,
+    pub nodes: usize,
+    /// (host, bits per second) rate limits, both directions of the host's link.
+    pub rates: Vec<(String, u64)>,
+    /// The xferd binary.
+    pub xferd: PathBuf,
+}
+
+/// Checks a lab prefix: short enough that `P-client` fits an interface name.
+pub fn validate_prefix(p: &str) -> Result<(), LabError> {
+    let ok = (1..=6).contains(&p.len())
+        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && p.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::ParsePrefix(p.to_string()))
+    }
+}
+
+/// The lab's /24: 10.X.Y.0 from a hash of the prefix (X in 100..=199), so two labs
+/// with different prefixes get different subnets.
+pub fn subnet_for(prefix: &str) -> Ipv4Addr {
+    let mut h: u32 = 2166136261;
+    for b in prefix.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(16777619);
+    }
+    Ipv4Addr::new(10, 100 + (h % 100) as u8, ((h >> 8) % 250) as u8, 0)
+}
+
+/// Parses `HOST=RATE` with RATE in bit/s units: `100mbit`, `1gbit`, `500kbit`, `1000000`.
+pub fn parse_rate(s: &str) -> Result<(String, u64), LabError> {
+    let bad = || LabError::ParseRate(s.to_string());
+    let (host, rate) = s.split_once('=').ok_or_else(bad)?;
+    let rate = rate.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = rate.strip_suffix("gbit") {
+        (n, 1_000_000_000)
+    } else if let Some(n) = rate.strip_suffix("mbit") {
+        (n, 1_000_000)
+    } else if let Some(n) = rate.strip_suffix("kbit") {
+        (n, 1_000)
+    } else if let Some(n) = rate.strip_suffix("bit") {
+        (n, 1)
+    } else {
+        (rate.as_str(), 1)
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    if n == 0 || host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), n * mult))
+}
+
+fn host_addr(subnet: Ipv4Addr, last: u8) -> Ipv4Addr {
+    let o = subnet.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], last)
+}
+
+fn lab_dir(prefix: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(prefix)
+}
+
+fn state_file(prefix: &str) -> PathBuf {
+    lab_dir(prefix).join("lab.json")
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn net_err(what: impl Into<String>) -> impl FnOnce(xfer_net::NetError) -> LabError {
+    let what = what.into();
+    move |source| LabError::Net { what, source }
+}
+
+impl Lab {
+    /// Reads the state of a lab that is up.
+    pub fn load(prefix: &str) -> Result<Lab, LabError> {
+        validate_prefix(prefix)?;
+        let p = state_file(prefix);
+        let text = std::fs::read_to_string(&p).map_err(|_| LabError::Load(prefix.to_string(), p.clone()))?;
+        serde_json::from_str(&text).map_err(|e| LabError::Io {
+            op: "parse lab state",
+            path: p,
+            source: std::io::Error::other(e),
+        })
+    }
+
+    /// A host by name.
+    pub fn host(&self, name: &str) -> Result<&LabHost, LabError> {
+        self.hosts.iter().find(|h| h.name == name).ok_or_else(|| LabError::FindHost {
+            prefix: self.prefix.clone(),
+            host: name.to_string(),
+            hosts: self.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Whether a pid is alive.
+    pub fn alive(pid: u32) -> bool {
+        pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// Runs a program in a lab namespace (`client` or a host name) and waits for it.
+    pub fn exec(&self, node: &str, args: &[String]) -> Result<std::process::Output, LabError> {
+        let ns = if node == "client" {
+            self.client.netns.clone()
+        } else {
+            self.host(node)?.netns.clone()
+        };
+        let (prog, rest) = args.split_first().ok_or_else(|| LabError::Start {
+            what: "lab exec".into(),
+            detail: "no program given".into(),
+        })?;
+        let mut cmd = Command::new(prog);
+        cmd.args(rest);
+        xfer_net::command_in_netns(&mut cmd, &ns).map_err(net_err(format!("enter {ns}")))?;
+        cmd.output().map_err(|source| LabError::Io {
+            op: "run",
+            path: PathBuf::from(prog),
+            source,
+        })
+    }
+}
+
+async fn wait_for_port(addr: Ipv4Addr, port: u16, pid: u32, log: &Path, what: &str) -> Result<(), LabError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect((addr, port)).await.is_ok() {
+            return Ok(());
+        }
+        if !Lab::alive(pid) || Instant::now() > deadline {
+            return Err(LabError::Start {
+                what: what.to_string(),
+                detail: format!(
+                    "not answering on {addr}:{port}; log {}: {}",
+                    log.display(),
+                    xfer_runtime::daemon::log_tail(log, 10)
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spawn_daemon(netns: &str, mut cmd: Command, log: &Path, what: &str) -> Result<u32, LabError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|source| LabError::Io {
+            op: "open log",
+            path: log.to_path_buf(),
+            source,
+        })?;
+    let f2 = f.try_clone().map_err(|source| LabError::Io {
+        op: "open log",
+        path: log.to_path_buf(),
+        source,
+    })?;
+    cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+    // Own process group: a Ctrl-C at the terminal that ran `lab up` does not reach it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let child = xfer_net::spawn_in_netns(netns, cmd).map_err(net_err(format!("start {what}")))?;
+    Ok(child.id())
+}
+
+/// Brings a lab up (after clearing any earlier one of the same prefix).
+pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
+    validate_prefix(&spec.prefix)?;
+    if !is_root() {
+        return Err(LabError::NotRoot);
+    }
+    if spec.nodes == 0 || spec.nodes > 50 {
+        return Err(LabError::Start {
+            what: "lab".into(),
+            detail: format!("{} nodes asked; use 1 to 50", spec.nodes),
+        });
+    }
+    if !spec.xferd.exists() {
+        return Err(LabError::Start {
+            what: "lab".into(),
+            detail: format!("no xferd binary at {}: build it with `cargo build --bins`", spec.xferd.display()),
+        });
+    }
+    let p = &spec.prefix;
+    down(p).await?;
+    let dir = lab_dir(p);
+    std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+        op: "create",
+        path: dir.clone(),
+        source,
+    })?;
+    let subnet = subnet_for(p);
+    let gateway = host_addr(subnet, 254);
+    let bridge = format!("{p}-br");
+    let net = Netlink::new().map_err(net_err("open rtnetlink"))?;
+    net.create_bridge(Ns::Root, &bridge).await.map_err(net_err(bridge.clone()))?;
+    net.add_address(Ns::Root, &bridge, cidr(gateway)).await.map_err(net_err(bridge.clone()))?;
+    net.set_link_up(Ns::Root, &bridge).await.map_err(net_err(bridge.clone()))?;
+
+    let attach = |ns: String, addr: Ipv4Addr| {
+        let net = &net;
+        let bridge = bridge.clone();
+        async move {
+            let outer = ns.clone();
+            net.create_netns(&ns).await.map_err(net_err(ns.clone()))?;
+            net.create_veth(Ns::Root, &outer, "eth0", Ns::Named(&ns)).await.map_err(net_err(outer.clone()))?;
+            net.set_master(Ns::Root, &outer, &bridge).await.map_err(net_err(outer.clone()))?;
+            net.set_link_up(Ns::Root, &outer).await.map_err(net_err(outer.clone()))?;
+            net.loopback_up(&ns).await.map_err(net_err(ns.clone()))?;
+            net.set_link_up(Ns::Named(&ns), "eth0").await.map_err(net_err(ns.clone()))?;
+            net.add_address(Ns::Named(&ns), "eth0", cidr(addr)).await.map_err(net_err(ns.clone()))?;
+            net.add_default_route(Ns::Named(&ns), gateway).await.map_err(net_err(ns.clone()))?;
+            Ok::<_, LabError>(())
+        }
+    };
+
+    let client = LabClient {
+        netns: format!("{p}-client"),
+        address: host_addr(subnet, 100),
+    };
+    attach(client.netns.clone(), client.address).await?;
+
+    let mut hosts = Vec::new();
+    for i in 1..=spec.nodes {
+        let name = format!("h{i}");
+        let netns = format!("{p}-{name}");
+        let address = host_addr(subnet, i as u8);
+        attach(netns.clone(), address).await?;
+        let rate = spec.rates.iter().find(|(h, _)| *h == name).map(|(_, r)| *r);
+        if let Some(r) = rate {
+            net.shape(Ns::Root, &netns, r).await.map_err(net_err(format!("shape {netns}")))?;
+            net.shape(Ns::Named(&netns), "eth0", r).await.map_err(net_err(format!("shape {netns}/eth0")))?;
+        }
+        let hdir = dir.join(&name);
+        let logs = hdir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|source| LabError::Io {
+            op: "create",
+            path: logs.clone(),
+            source,
+        })?;
+        // containerd
+        let dcfg = DaemonConfig::in_dir(hdir.join("containerd"));
+        let config_text = dcfg.render_config().map_err(|source| LabError::Runtime {
+            what: format!("containerd config of {name}"),
+            source,
+        })?;
+        std::fs::create_dir_all(&dcfg.state).map_err(|source| LabError::Io {
+            op: "create",
+            path: dcfg.state.clone(),
+            source,
+        })?;
+        std::fs::write(dcfg.config_file(), config_text).map_err(|source| LabError::Io {
+            op: "write",
+            path: dcfg.config_file(),
+            source,
+        })?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(dcfg.config_file());
+        let containerd_pid = spawn_daemon(&netns, cmd, &dcfg.log_file, &format!("containerd of {name}"))?;
+        wait_containerd(&dcfg.socket, containerd_pid, &dcfg.log_file, &name).await?;
+        // xferd
+        let containerd_namespace = format!("xfer-{p}-{name}");
+        let xlog = logs.join("xferd.log");
+        let mut cmd = Command::new(&spec.xferd);
+        cmd.args(["--node", &name])
+            .arg("--listen")
+            .arg(format!("{address}:{AGENT_PORT}"))
+            .arg("--containerd")
+            .arg(&dcfg.socket)
+            .args(["--namespace", &containerd_namespace])
+            .arg("--netns")
+            .arg(xfer_net::netns_path(&netns))
+            .arg("--work-dir")
+            .arg(hdir.join("work"))
+            .arg("--log-dir")
+            .arg(&logs);
+        let xferd_pid = spawn_daemon(&netns, cmd, &xlog, &format!("xferd of {name}"))?;
+        wait_for_port(address, AGENT_PORT, xferd_pid, &xlog, &format!("xferd of {name}")).await?;
+        info!(host = %name, %address, "lab host up");
+        hosts.push(LabHost {
+            name,
+            netns,
+            address,
+            dir: hdir,
+            containerd_socket: dcfg.socket.clone(),
+            containerd_namespace,
+            containerd_pid,
+            xferd_pid,
+            endpoint: format!("http://{address}:{AGENT_PORT}"),
+            rate_bits: rate,
+        });
+    }
+    let lab = Lab {
+        prefix: p.clone(),
+        subnet,
+        bridge,
+        gateway,
+        hosts,
+        client,
+    };
+    let text = serde_json::to_string_pretty(&lab).map_err(|e| LabError::Io {
+        op: "encode",
+        path: state_file(p),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(state_file(p), text).map_err(|source| LabError::Io {
+        op: "write",
+        path: state_file(p),
+        source,
+    })?;
+    Ok(lab)
+}
+
+fn cidr(a: Ipv4Addr) -> xfer_net::Ipv4Cidr {
+    xfer_net::Ipv4Cidr::new(a, 24).unwrap_or_else(|_| unreachable!("24 is a valid prefix length"))
+}
+
+async fn wait_containerd(socket: &Path, pid: u32, log: &Path, host: &str) -> Result<(), LabError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if socket.exists() && xfer_runtime::daemon::version(socket).await.is_ok() {
+            return Ok(());
+        }
+        if !Lab::alive(pid) || Instant::now() > deadline {
+            return Err(LabError::Start {
+                what: format!("containerd of {host}"),
+                detail: format!("not answering on {}; log {}: {}", socket.display(), log.display(), xfer_runtime::daemon::log_tail(log, 10)),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What `down` removed.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DownReport {
+    pub killed: Vec<u32>,
+    pub namespaces: Vec<String>,
+    pub links: Vec<String>,
+    pub mounts: usize,
+    pub dirs: Vec<PathBuf>,
+}
+
+fn kill_all(pids: &[u32]) {
+    for sig in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGKILL] {
+        for &p in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), sig);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while pids.iter().any(|p| Lab::alive(*p) && !is_zombie(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Removes everything of lab `prefix`, whether it is up, half up or crashed.
+pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
+    validate_prefix(prefix)?;
+    if !is_root() {
+        return Err(LabError::NotRoot);
+    }
+    let mut rep = DownReport::default();
+    let ns_prefix = format!("{prefix}-");
+    let namespaces: Vec<String> = xfer_net::list_netns()
+        .map_err(net_err("list namespaces"))?
+        .into_iter()
+        .filter(|n| n.starts_with(&ns_prefix))
+        .collect();
+    // Every process in the lab's namespaces: xferd, containerd, shims, containers.
+    let mut pids = Vec::new();
+    for ns in &namespaces {
+        pids.extend(xfer_net::pids_in_netns(ns).map_err(net_err(format!("processes of {ns}")))?);
+    }
+    // Daemons recorded in the state file (in case their namespace went first).
+    if let Ok(lab) = Lab::load(prefix) {
+        for h in &lab.hosts {
+            for p in [h.xferd_pid, h.containerd_pid] {
+                if Lab::alive(p) && !pids.contains(&p) {
+                    pids.push(p);
+                }
+            }
+        }
+    }
+    kill_all(&pids);
+    rep.killed = pids;
+    // Mounts (container rootfs, shm) and directories.
+    let dir = lab_dir(prefix);
+    match xfer_runtime::daemon::cleanup_paths(&[&dir]) {
+        Ok(r) => rep.mounts = r.unmounted.len(),
+        Err(e) => warn!(error = %e, "cleaning lab directories"),
+    }
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    rep.dirs.push(dir);
+    // runc state and cgroups of the lab's containerd namespaces.
+    let ctr_prefix = format!("xfer-{prefix}-");
+    if let Ok(rd) = std::fs::read_dir("/run/containerd/runc") {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&ctr_prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+                rep.dirs.push(e.path());
+            }
+        }
+    }
+    remove_cgroups(&ctr_prefix);
+    // Links and namespaces.
+    let net = Netlink::new().map_err(net_err("open rtnetlink"))?;
+    for ns in &namespaces {
+        net.delete_netns(ns).await.map_err(net_err(ns.clone()))?;
+        rep.namespaces.push(ns.clone());
+    }
+    for link in net.list_links(Ns::Root).await.map_err(net_err("list links"))? {
+        if link.starts_with(&ns_prefix) {
+            match net.delete_link(Ns::Root, &link).await {
+                Ok(()) => rep.links.push(link),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(net_err(link)(e)),
+            }
+        }
+    }
+    Ok(rep)
+}
+
+/// Removes cgroups named `/<ns>/...` for containerd namespaces starting with `prefix`,
+/// in every mounted hierarchy (cgroup v1 controllers and the v2 tree), deepest first.
+fn remove_cgroups(prefix: &str) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (_, Some(mp), Some(fs)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if fs != "cgroup" && fs != "cgroup2" {
+            continue;
+        }
+        let Ok(rd) = std::fs::read_dir(mp) else { continue };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+}
+
+fn rmdir_tree(p: &Path) {
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(p);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(validate_prefix("xl").is_ok());
+        assert!(validate_prefix("a12345").is_ok());
+        assert!(validate_prefix("a123456").is_err());
+        assert!(validate_prefix("1a").is_err());
+        assert!(validate_prefix("X").is_err());
+        assert!(validate_prefix("").is_err());
+    }
+
+    #[test]
+    fn subnets_differ_by_prefix() {
+        assert_ne!(subnet_for("xa"), subnet_for("xb"));
+        assert_eq!(subnet_for("xa"), subnet_for("xa"));
+        let o = subnet_for("demo").octets();
+        assert_eq!(o[0], 10);
+        assert!((100..200).contains(&o[1]));
+        assert_eq!(o[3], 0);
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("h2=100mbit").ok(), Some(("h2".into(), 100_000_000)));
+        assert_eq!(parse_rate("h1=1gbit").ok(), Some(("h1".into(), 1_000_000_000)));
+        assert_eq!(parse_rate("h1=5000").ok(), Some(("h1".into(), 5000)));
+        assert!(parse_rate("h1").is_err());
+        assert!(parse_rate("h1=fast").is_err());
+        assert!(parse_rate("h1=0mbit").is_err());
+    }
+}
+
+/// The images the lab knows how to build from this machine's binaries.
+pub const IMAGE_KINDS: &[&str] = &["busybox", "redis"];
+
+/// Builds a lab image: `busybox` (busybox-static) or `redis` (the host's redis-server
+/// and redis-cli with their shared libraries, plus busybox for a shell).
+pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabError> {
+    use xfer_runtime::image::ImageBuilder;
+    let what = |source| LabError::Runtime {
+        what: format!("build image {kind}"),
+        source,
+    };
+    let mut b = match kind {
+        "busybox" => ImageBuilder::busybox("/bin/busybox").map_err(what)?,
+        "redis" => {
+            let mut b = ImageBuilder::host_binaries(&["/usr/bin/redis-server", "/usr/bin/redis-cli"]).map_err(what)?;
+            b.add_busybox("/bin/busybox").map_err(what)?;
+            b
+        }
+        other => {
+            return Err(LabError::Start {
+                what: "image".into(),
+                detail: format!("unknown image kind {other:?}: use one of {}", IMAGE_KINDS.join(", ")),
+            })
+        }
+    };
+    b.created_by("xfer-lab");
+    b.build().map_err(what)
+}
+
+/// Builds image `kind` and imports it, named `kind`, into a host's containerd.
+pub async fn import_image(host: &LabHost, kind: &str) -> Result<xfer_runtime::image::ImportedImage, LabError> {
+    let built = build_image(kind)?;
+    let client = xfer_runtime::daemon::connect(&host.containerd_socket)
+        .await
+        .map_err(|source| LabError::Runtime {
+            what: format!("connect to containerd of {}", host.name),
+            source,
+        })?;
+    xfer_runtime::image::import(&client, &host.containerd_namespace, kind, &built, "overlayfs")
+        .await
+        .map_err(|source| LabError::Runtime {
+            what: format!("import {kind} into {}", host.name),
+            source,
+        })
+}

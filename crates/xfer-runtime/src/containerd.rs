@@ -235,7 +235,6 @@ impl Containerd {
         let spec = default_spec(id, args, env, &self.cfg.namespace, self.cfg.netns.as_deref());
         let spec_json = serde_json::to_vec(&spec)
             .map_err(|e| RuntimeError::Invalid(format!("encode spec: {e}")))?;
-        let mounts = self.prepare_snapshot(id, parent_chain_id).await?;
         let record = ContainerRecord {
             id: id.to_string(),
             image: image.to_string(),
@@ -244,10 +243,16 @@ impl Containerd {
             labels: HashMap::from([(MANAGED_LABEL.to_string(), "true".to_string())]),
             spec_json,
         };
-        if let Err(e) = self.create_container(&record).await {
-            let _ = self.remove_snapshot(id).await;
-            return Err(e);
-        }
+        // The record first: it references the snapshot, which keeps the snapshot from
+        // containerd's garbage collector from the moment it exists.
+        self.create_container(&record).await?;
+        let mounts = match self.prepare_snapshot(id, parent_chain_id, None).await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = self.remove(id).await;
+                return Err(e);
+            }
+        };
         match self.create_and_start_task(id, mounts, None).await {
             Ok(pid) => Ok(pid),
             Err(e) => {
@@ -258,16 +263,30 @@ impl Containerd {
     }
 
     /// Prepares the container's active snapshot on top of `parent`; returns its mounts.
-    pub async fn prepare_snapshot(&self, key: &str, parent: &str) -> Result<Vec<Mount>, RuntimeError> {
+    /// Until a container record references it, an active snapshot is only safe from
+    /// containerd's garbage collector under a `lease`.
+    pub async fn prepare_snapshot(
+        &self,
+        key: &str,
+        parent: &str,
+        lease: Option<&str>,
+    ) -> Result<Vec<Mount>, RuntimeError> {
+        let mut req = self.req(PrepareSnapshotRequest {
+            snapshotter: self.cfg.snapshotter.clone(),
+            key: key.to_string(),
+            parent: parent.to_string(),
+            labels: HashMap::new(),
+        })?;
+        if let Some(l) = lease {
+            let v = l
+                .parse()
+                .map_err(|_| RuntimeError::Invalid(format!("lease id {l:?} is not a valid header value")))?;
+            req.metadata_mut().insert("containerd-lease", v);
+        }
         let resp = self
             .client()
             .snapshots()
-            .prepare(self.req(PrepareSnapshotRequest {
-                snapshotter: self.cfg.snapshotter.clone(),
-                key: key.to_string(),
-                parent: parent.to_string(),
-                labels: HashMap::new(),
-            })?)
+            .prepare(req)
             .await
             .map_err(status(format!("prepare snapshot {key} on {parent}")))?;
         Ok(resp.into_inner().mounts)

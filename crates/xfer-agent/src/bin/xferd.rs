@@ -1,0 +1,88 @@
+//! `xferd`: the xfer node agent. Serves the agent protocol on one address, drives
+//! this node's containerd and CRIU.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use xfer_agent::node::{Node, NodeConfig};
+use xfer_runtime::containerd::HostConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "xferd", about = "xfer node agent", version)]
+struct Args {
+    /// This node's name (e.g. h1).
+    #[arg(long)]
+    node: String,
+    /// Address to serve the agent protocol on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd: PathBuf,
+    /// containerd namespace for this node's containers.
+    #[arg(long, default_value = "xfer")]
+    namespace: String,
+    /// Snapshotter.
+    #[arg(long, default_value = "overlayfs")]
+    snapshotter: String,
+    /// Network namespace the node's containers join (e.g. /run/netns/NAME).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Working directory for checkpoints and incoming migrations.
+    #[arg(long, default_value = "/var/lib/xfer")]
+    work_dir: PathBuf,
+    /// Directory for container logs.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("xferd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let log_dir = args.log_dir.clone().unwrap_or_else(|| args.work_dir.join("logs"));
+    let cfg = NodeConfig {
+        name: args.node.clone(),
+        host: HostConfig {
+            socket: args.containerd.clone(),
+            namespace: args.namespace.clone(),
+            snapshotter: args.snapshotter.clone(),
+            netns: args.netns.clone(),
+            log_dir,
+        },
+        work_dir: args.work_dir.clone(),
+    };
+    let node = Node::new(cfg)
+        .await
+        .with_context(|| format!("start node {} on containerd {}", args.node, args.containerd.display()))?;
+    tracing::info!(node = %args.node, listen = %args.listen, "xferd serving");
+    xfer_agent::serve(node, args.listen, shutdown())
+        .await
+        .with_context(|| format!("serve on {}", args.listen))?;
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -1,0 +1,152 @@
+//! The embeddable client API: what the `xfer` CLI uses, and what a runtime engineer
+//! calls to drive agents from their own code.
+
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use xfer_proto::v1::agent_client::AgentClient;
+use xfer_proto::v1::*;
+
+use crate::error::AgentError;
+
+pub use xfer_proto::v1::{ContainerInfo, MigrationReport, PhaseTiming};
+
+/// Migration strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Stop-and-copy: freeze, dump, transfer, restore.
+    Cold,
+    /// Pre-copy rounds, then a short cut-over (not implemented yet).
+    Precopy,
+    /// Restore first, fetch memory on demand (not implemented yet).
+    Postcopy,
+    /// Pre-copy rounds, then post-copy (not implemented yet).
+    Hybrid,
+    /// Pick from the measured dirty rate and link rate (not implemented yet).
+    Auto,
+}
+
+impl Mode {
+    fn wire(self) -> MigrationMode {
+        match self {
+            Mode::Cold => MigrationMode::Cold,
+            Mode::Precopy => MigrationMode::Precopy,
+            Mode::Postcopy => MigrationMode::Postcopy,
+            Mode::Hybrid => MigrationMode::Hybrid,
+            Mode::Auto => MigrationMode::Auto,
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "cold" => Mode::Cold,
+            "precopy" => Mode::Precopy,
+            "postcopy" => Mode::Postcopy,
+            "hybrid" => Mode::Hybrid,
+            "auto" => Mode::Auto,
+            _ => return Err(format!("unknown mode {s:?}: use cold, precopy, postcopy, hybrid or auto")),
+        })
+    }
+}
+
+/// A connection to one node's agent.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: AgentClient<Channel>,
+    hello: HelloReply,
+}
+
+impl Client {
+    /// Connects to the agent at `endpoint` (e.g. `http://10.77.0.1:7070`) and checks
+    /// that it speaks this build's protocol version.
+    pub async fn connect(endpoint: &str) -> Result<Self, AgentError> {
+        let (inner, hello) = crate::migrate::connect_peer(endpoint).await?;
+        Ok(Self { inner, hello })
+    }
+
+    /// The node's name and CRIU facts, from the handshake.
+    pub fn hello(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// Starts a container from an image already on the node.
+    pub async fn run(&mut self, id: &str, image: &str, args: &[String], env: &[String]) -> Result<u32, AgentError> {
+        let r = self
+            .inner
+            .run_container(RunContainerRequest {
+                id: id.to_string(),
+                image: image.to_string(),
+                args: args.to_vec(),
+                env: env.to_vec(),
+            })
+            .await
+            .map_err(|status| AgentError::Peer { step: Step::Validate, status })?;
+        Ok(r.into_inner().pid)
+    }
+
+    /// Lists the node's containers.
+    pub async fn list(&mut self) -> Result<Vec<ContainerInfo>, AgentError> {
+        let r = self
+            .inner
+            .list_containers(ListContainersRequest {})
+            .await
+            .map_err(|status| AgentError::Peer { step: Step::Validate, status })?;
+        Ok(r.into_inner().containers)
+    }
+
+    /// Kills and removes a container.
+    pub async fn remove(&mut self, id: &str) -> Result<(), AgentError> {
+        self.inner
+            .remove_container(RemoveContainerRequest { id: id.to_string() })
+            .await
+            .map_err(|status| AgentError::Peer { step: Step::CleanupSource, status })?;
+        Ok(())
+    }
+
+    /// Migrates container `id` from this node to the agent at `destination`,
+    /// calling `on_phase` as each phase completes.
+    pub async fn migrate(
+        &mut self,
+        id: &str,
+        destination: &str,
+        mode: Mode,
+        on_phase: impl FnMut(&PhaseTiming),
+    ) -> Result<MigrationReport, AgentError> {
+        self.migrate_with(id, destination, mode, "", on_phase).await
+    }
+
+    /// [`Client::migrate`] with a failure injected at a destination step
+    /// (`prepare`, `transfer` or `restore`); for tests of rollback.
+    pub async fn migrate_with(
+        &mut self,
+        id: &str,
+        destination: &str,
+        mode: Mode,
+        inject_failure: &str,
+        mut on_phase: impl FnMut(&PhaseTiming),
+    ) -> Result<MigrationReport, AgentError> {
+        let mut stream = self
+            .inner
+            .migrate(MigrateRequest {
+                version: xfer_proto::PROTOCOL_VERSION as i32,
+                container_id: id.to_string(),
+                destination: destination.to_string(),
+                mode: mode.wire() as i32,
+                inject_failure: inject_failure.to_string(),
+            })
+            .await
+            .map_err(|status| AgentError::Peer { step: Step::Validate, status })?
+            .into_inner();
+        while let Some(ev) = stream.next().await {
+            let ev = ev.map_err(|status| AgentError::Remote { status })?;
+            match ev.event {
+                Some(migrate_event::Event::Phase(p)) => on_phase(&p),
+                Some(migrate_event::Event::Report(r)) => return Ok(r),
+                None => {}
+            }
+        }
+        Err(AgentError::StreamClosed)
+    }
+}

@@ -1,0 +1,466 @@
+//! The agent of one node: serves the [`Agent`](xfer_proto::v1::agent_server::Agent)
+//! service. As a source it drives a migration (see [`crate::migrate`]); as a
+//! destination it prepares, receives files, restores, and cleans up on abort.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, info_span, warn, Instrument};
+use xfer_proto::v1::agent_server::Agent;
+use xfer_proto::v1::*;
+use xfer_runtime::containerd::{rewrite_spec_for_host, Containerd, HostConfig, Runtime};
+use xfer_runtime::criu::CriuFacts;
+
+use crate::error::AgentError;
+use crate::images;
+use crate::transfer::{InFile, Receiver};
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Node name, as operators call it (e.g. `h1`).
+    pub name: String,
+    /// This node's containerd, namespace, snapshotter and container network namespace.
+    pub host: HostConfig,
+    /// Working directory for checkpoints and received files.
+    pub work_dir: PathBuf,
+}
+
+/// A migration this node receives.
+#[derive(Debug)]
+struct Inbound {
+    container_id: String,
+    dir: PathBuf,
+    image_name: String,
+    manifest: Option<BlobDescriptor>,
+    blobs: Vec<BlobDescriptor>,
+    files: Vec<InFile>,
+    inject_failure: String,
+    lease: Option<xfer_runtime::image::Lease>,
+}
+
+/// One node's agent.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub(crate) cfg: Arc<NodeConfig>,
+    pub(crate) rt: Containerd,
+    pub(crate) criu: Arc<CriuFacts>,
+    inbound: Arc<Mutex<HashMap<String, Inbound>>>,
+}
+
+fn refuse(msg: impl Into<String>) -> Status {
+    AgentError::Refused(msg.into()).to_status()
+}
+
+fn rt_err(step: Step) -> impl FnOnce(xfer_runtime::RuntimeError) -> Status {
+    move |source| AgentError::Runtime { step, source }.to_status()
+}
+
+/// Errors of the destination-side steps: the source's error names the step.
+fn dst_err(source: xfer_runtime::RuntimeError) -> Status {
+    AgentError::AtDestination { source }.to_status()
+}
+
+impl Node {
+    /// Connects to the node's containerd and probes its CRIU.
+    pub async fn new(cfg: NodeConfig) -> Result<Self, AgentError> {
+        let rt = Containerd::connect(cfg.host.clone())
+            .await
+            .map_err(|source| AgentError::Runtime {
+                step: Step::Validate,
+                source,
+            })?;
+        let criu = tokio::task::spawn_blocking(xfer_runtime::criu::probe)
+            .await
+            .map_err(|e| AgentError::Refused(format!("probe criu: {e}")))?
+            .map_err(|source| AgentError::Runtime {
+                step: Step::Validate,
+                source,
+            })?;
+        std::fs::create_dir_all(&cfg.work_dir).map_err(|source| AgentError::WriteFile {
+            path: cfg.work_dir.clone(),
+            source,
+        })?;
+        // Checkpoint and inbound directories of migrations that a crash interrupted.
+        for sub in ["in", "out"] {
+            let _ = std::fs::remove_dir_all(cfg.work_dir.join(sub));
+        }
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            rt,
+            criu: Arc::new(criu),
+            inbound: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The node's containerd.
+    pub fn runtime(&self) -> &Containerd {
+        &self.rt
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    async fn cleanup_inbound(&self, migration_id: &str) {
+        let Some(inb) = self.inbound.lock().await.remove(migration_id) else {
+            return;
+        };
+        if let Some(l) = inb.lease {
+            images::end_lease(&self.rt, l).await;
+        }
+        let _ = std::fs::remove_dir_all(&inb.dir);
+    }
+
+    async fn restore_inner(&self, req: &RestoreRequest, phases: &mut Vec<PhaseTiming>) -> Result<u32, Status> {
+        let (dir, image_name, manifest, files, inject, lease) = {
+            let map = self.inbound.lock().await;
+            let inb = map
+                .get(&req.migration_id)
+                .ok_or_else(|| refuse(format!("no migration {} prepared here", req.migration_id)))?;
+            if inb.container_id != req.container_id {
+                return Err(refuse("container id differs from the prepared one"));
+            }
+            (
+                inb.dir.clone(),
+                inb.image_name.clone(),
+                inb.manifest.clone(),
+                inb.files.clone(),
+                inb.inject_failure.clone(),
+                inb.lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default(),
+            )
+        };
+        let id = req.container_id.as_str();
+        let t = Instant::now();
+        let manifest = manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
+        let chain = images::ensure_image(&self.rt, &image_name, &manifest)
+            .await
+            .map_err(dst_err)?;
+        phases.push(phase("dst.image", t, 0));
+
+        let t = Instant::now();
+        self.rt.prepare_snapshot(id, &chain, Some(&lease)).await.map_err(dst_err)?;
+        let cleanup_all = |node: Node, id: String| async move {
+            let _ = node.rt.remove(&id).await;
+        };
+        if req.has_rootfs_diff {
+            let diff = files
+                .iter()
+                .find(|f| f.kind == FileKind::RootfsDiff)
+                .ok_or_else(|| refuse("restore wants a writable-layer diff that was not sent"))?;
+            if let Err(e) = images::apply_diff(&self.rt, &lease, id, &diff.path).await {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(dst_err(e));
+            }
+        }
+        phases.push(phase("dst.rootfs", t, 0));
+
+        let t = Instant::now();
+        let spec = rewrite_spec_for_host(
+            &req.spec_json,
+            id,
+            &self.cfg.host.namespace,
+            self.cfg.host.netns.as_deref(),
+        )
+        .map_err(dst_err)?;
+        let record = xfer_runtime::containerd::ContainerRecord {
+            id: id.to_string(),
+            image: image_name.clone(),
+            snapshotter: self.cfg.host.snapshotter.clone(),
+            snapshot_key: id.to_string(),
+            labels: req.labels.clone(),
+            spec_json: spec,
+        };
+        if let Err(e) = self.rt.create_container(&record).await {
+            cleanup_all(self.clone(), id.to_string()).await;
+            return Err(dst_err(e));
+        }
+        if inject == "restore" {
+            cleanup_all(self.clone(), id.to_string()).await;
+            return Err(refuse("injected failure at the restore step (test hook)"));
+        }
+        let mounts = match self.rt.rootfs_mounts(id).await {
+            Ok(m) => m,
+            Err(e) => {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(dst_err(e));
+            }
+        };
+        let criu_dir = dir.join("criu");
+        let work = dir.join("restore-work");
+        let _ = std::fs::create_dir_all(&work);
+        let pid = match self
+            .rt
+            .create_and_start_task(id, mounts, Some((&criu_dir, &work)))
+            .await
+        {
+            Ok(pid) => pid,
+            Err(e) => {
+                let log = xfer_runtime::containerd::criu_log_tail(&work);
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(dst_err(xfer_runtime::RuntimeError::Invalid(format!("{e} ({log})"))));
+            }
+        };
+        phases.push(phase("dst.criu_restore", t, 0));
+        Ok(pid)
+    }
+}
+
+pub(crate) fn phase(name: &str, since: Instant, bytes: u64) -> PhaseTiming {
+    PhaseTiming {
+        name: name.to_string(),
+        micros: since.elapsed().as_micros() as u64,
+        bytes,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<MigrateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for Node {
+    async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        xfer_proto::check_version(req.get_ref().version).map_err(|e| AgentError::Decode(e).to_status())?;
+        Ok(Response::new(HelloReply {
+            version: xfer_proto::PROTOCOL_VERSION as i32,
+            node: self.cfg.name.clone(),
+            criu_version: self.criu.version.clone(),
+            criu_ok: self.criu.usable(),
+            mem_dirty_track: self.criu.mem_dirty_track,
+        }))
+    }
+
+    async fn run_container(&self, req: Request<RunContainerRequest>) -> Result<Response<RunContainerReply>, Status> {
+        let r = req.into_inner();
+        let info = images::info(&self.rt, &r.image)
+            .await
+            .map_err(rt_err(Step::Validate))?
+            .ok_or_else(|| {
+                refuse(format!(
+                    "image {:?} is not on node {}: import it first (xfer image import)",
+                    r.image, self.cfg.name
+                ))
+            })?;
+        let pid = self
+            .rt
+            .run(&r.id, &r.image, &info.chain_id, &r.args, &r.env)
+            .await
+            .map_err(rt_err(Step::Validate))?;
+        info!(container = %r.id, pid, "container started");
+        Ok(Response::new(RunContainerReply { pid }))
+    }
+
+    async fn list_containers(&self, _req: Request<ListContainersRequest>) -> Result<Response<ListContainersReply>, Status> {
+        let list = self.rt.list().await.map_err(rt_err(Step::Validate))?;
+        Ok(Response::new(ListContainersReply {
+            containers: list
+                .into_iter()
+                .map(|c| ContainerInfo {
+                    id: c.id,
+                    image: c.image,
+                    status: c.state.map(|s| s.as_str()).unwrap_or("no task").to_string(),
+                    pid: c.pid,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn remove_container(&self, req: Request<RemoveContainerRequest>) -> Result<Response<RemoveContainerReply>, Status> {
+        let id = req.into_inner().id;
+        self.rt.container(&id).await.map_err(rt_err(Step::Validate))?;
+        self.rt.remove(&id).await.map_err(rt_err(Step::CleanupSource))?;
+        Ok(Response::new(RemoveContainerReply {}))
+    }
+
+    type MigrateStream = EventStream;
+
+    async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Self::MigrateStream>, Status> {
+        let r = req.into_inner();
+        xfer_proto::check_version(r.version).map_err(|e| AgentError::Decode(e).to_status())?;
+        let mode = xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
+        if mode != MigrationMode::Cold {
+            return Err(Status::unimplemented(format!(
+                "mode {mode:?} is not implemented yet; use --mode cold"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        let node = self.clone();
+        let mid = uuid::Uuid::new_v4().to_string();
+        let span = info_span!("migration", id = %mid, container = %r.container_id, to = %r.destination);
+        tokio::spawn(
+            async move {
+                let res = crate::migrate::run(&node, &mid, &r, tx.clone()).await;
+                match res {
+                    Ok(report) => {
+                        let _ = tx
+                            .send(Ok(MigrateEvent {
+                                event: Some(migrate_event::Event::Report(report)),
+                            }))
+                            .await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "migration failed");
+                        let _ = tx.send(Err(e.to_status())).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn prepare(&self, req: Request<PrepareRequest>) -> Result<Response<PrepareReply>, Status> {
+        let r = req.into_inner();
+        xfer_proto::check_version(r.version).map_err(|e| AgentError::Decode(e).to_status())?;
+        xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
+        xfer_runtime::containerd::validate_id(&r.container_id).map_err(dst_err)?;
+        if !self.criu.usable() {
+            return Err(refuse(format!(
+                "node {} cannot restore: criu {} (need >= 4.2 and a passing `criu check`); run `cargo xtask setup` there",
+                self.cfg.name, self.criu.version
+            )));
+        }
+        if self.rt.container(&r.container_id).await.is_ok() {
+            return Err(refuse(format!(
+                "node {} already has a container {:?}; remove it or pick another destination",
+                self.cfg.name, r.container_id
+            )));
+        }
+        if r.inject_failure == "prepare" {
+            return Err(refuse("injected failure at the prepare step (test hook)"));
+        }
+        let mut digests = Vec::new();
+        if let Some(m) = &r.manifest {
+            digests.push(m.digest.clone());
+        }
+        digests.extend(r.blobs.iter().map(|b| b.digest.clone()));
+        let have = images::has_blobs(&self.rt, &digests).await.map_err(dst_err)?;
+        let missing: Vec<String> = digests
+            .into_iter()
+            .zip(have)
+            .filter(|(_, h)| !h)
+            .map(|(d, _)| d)
+            .collect();
+        let dir = self.cfg.work_dir.join("in").join(&r.migration_id);
+        std::fs::create_dir_all(&dir).map_err(|source| AgentError::WriteFile { path: dir.clone(), source }.to_status())?;
+        let lease = images::lease(&self.rt).await.map_err(dst_err)?;
+        self.inbound.lock().await.insert(
+            r.migration_id.clone(),
+            Inbound {
+                container_id: r.container_id.clone(),
+                dir,
+                image_name: r.image_name,
+                manifest: r.manifest,
+                blobs: r.blobs,
+                files: Vec::new(),
+                inject_failure: r.inject_failure,
+                lease: Some(lease),
+            },
+        );
+        info!(migration = %r.migration_id, container = %r.container_id, missing = missing.len(), "prepared");
+        Ok(Response::new(PrepareReply { missing }))
+    }
+
+    async fn put_files(&self, req: Request<Streaming<FileChunk>>) -> Result<Response<PutFilesReply>, Status> {
+        let mut stream = req.into_inner();
+        let Some(first) = stream.next().await else {
+            return Err(refuse("empty file stream"));
+        };
+        let first = first?;
+        let mid = first.migration_id.clone();
+        let (dir, inject, lease) = {
+            let map = self.inbound.lock().await;
+            let inb = map.get(&mid).ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
+            (
+                inb.dir.clone(),
+                inb.inject_failure.clone(),
+                inb.lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default(),
+            )
+        };
+        let mut rx = Receiver::new(dir);
+        rx.accept(first).map_err(|e| e.to_status())?;
+        while let Some(c) = stream.next().await {
+            let c = c?;
+            if c.migration_id != mid {
+                return Err(AgentError::BadChunk("chunks of two migrations in one stream".into()).to_status());
+            }
+            rx.accept(c).map_err(|e| e.to_status())?;
+        }
+        let wire = rx.wire_bytes;
+        let files = rx.finish().map_err(|e| e.to_status())?;
+        if inject == "transfer" {
+            return Err(refuse("injected failure at the transfer step (test hook)"));
+        }
+        // Image blobs go into the content store now, so Restore only unpacks.
+        let blob_descs = {
+            let map = self.inbound.lock().await;
+            map.get(&mid).map(|i| {
+                let mut v = i.blobs.clone();
+                v.extend(i.manifest.clone());
+                v
+            })
+        }
+        .unwrap_or_default();
+        for f in files.iter().filter(|f| f.kind == FileKind::ImageBlob) {
+            let desc = blob_descs
+                .iter()
+                .find(|d| d.digest == f.name)
+                .ok_or_else(|| refuse(format!("blob {} was not announced in prepare", f.name)))?;
+            images::write_blob_file(&self.rt, &lease, desc, &f.path)
+                .await
+                .map_err(dst_err)?;
+        }
+        let n = files.len() as u64;
+        let mut map = self.inbound.lock().await;
+        if let Some(inb) = map.get_mut(&mid) {
+            inb.files.extend(files);
+        }
+        Ok(Response::new(PutFilesReply { files: n, bytes: wire }))
+    }
+
+    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<RestoreReply>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("restore", migration = %r.migration_id, container = %r.container_id);
+        let mut phases = Vec::new();
+        let res = self.restore_inner(&r, &mut phases).instrument(span).await;
+        match res {
+            Ok(pid) => {
+                self.cleanup_inbound(&r.migration_id).await;
+                info!(container = %r.container_id, pid, "restored");
+                Ok(Response::new(RestoreReply { pid, phases }))
+            }
+            Err(s) => {
+                self.cleanup_inbound(&r.migration_id).await;
+                Err(s)
+            }
+        }
+    }
+
+    async fn abort(&self, req: Request<AbortRequest>) -> Result<Response<AbortReply>, Status> {
+        let r = req.into_inner();
+        let step = xfer_proto::require_step(r.step).map_err(|e| AgentError::Decode(e).to_status())?;
+        warn!(migration = %r.migration_id, ?step, reason = %r.reason, "migration aborted by the source");
+        let container = self
+            .inbound
+            .lock()
+            .await
+            .get(&r.migration_id)
+            .map(|i| i.container_id.clone());
+        if let Some(id) = container {
+            // Remove only what this migration made: a container of that id with a
+            // restored task is removed too, since the source keeps running.
+            if self.rt.container(&id).await.is_ok() {
+                let _ = self.rt.remove(&id).await;
+            }
+        }
+        self.cleanup_inbound(&r.migration_id).await;
+        Ok(Response::new(AbortReply {}))
+    }
+}
