@@ -45,6 +45,7 @@ impl TestLab {
     /// Brings up a lab with `nodes` hosts under `prefix` (clearing leftovers first).
     pub async fn up(prefix: &str, nodes: usize) -> TestLab {
         require_root_stack();
+        become_subreaper();
         let lab = xfer_lab::up(&LabSpec {
             prefix: prefix.to_string(),
             nodes,
@@ -95,6 +96,7 @@ impl Drop for TestLab {
             rt.block_on(xfer_lab::down(&prefix)).map_err(|e| chain(&e))
         })
         .join();
+        reap_orphans();
         match res {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => eprintln!("lab down failed: {e}"),
@@ -141,5 +143,26 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> O
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Makes the test process the reaper of orphaned lab processes (shims, containers):
+/// this machine's PID 1 does not reap zombies.
+pub fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integer arguments and only changes
+    // this process's attributes.
+    unsafe {
+        nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// Reaps exited children without blocking (the tests run one at a time, so no other
+/// test's child status is taken).
+pub fn reap_orphans() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
     }
 }

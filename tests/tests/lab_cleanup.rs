@@ -3,6 +3,30 @@
 use xfer_lab::LabSpec;
 use xfer_tests::{chain, require_root_stack, task_pid, xferd_path, TestLab};
 
+/// A live process (a zombie is dead: it only waits for a parent to reap it, and this
+/// machine's init does not always do so promptly).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Takes the lab down when dropped, also if an assertion fails.
+struct Down(&'static str);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let p = self.0;
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(xfer_lab::down(p))
+        })
+        .join();
+        xfer_tests::reap_orphans();
+    }
+}
+
 fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
     let mut out = Vec::new();
     for ns in xfer_net::list_netns().expect("list netns") {
@@ -17,7 +41,7 @@ fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
         }
     }
     for p in pids {
-        if std::path::Path::new(&format!("/proc/{p}")).exists() {
+        if alive(*p) {
             out.push(format!("process {p}"));
         }
     }
@@ -41,6 +65,7 @@ fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_down_leaves_nothing_even_after_a_crash() {
     require_root_stack();
+    xfer_tests::become_subreaper();
     let prefix = "tcl";
     let lab = TestLab::up(prefix, 2).await;
     lab.import("h1", "busybox").await;
@@ -53,11 +78,12 @@ async fn lab_down_leaves_nothing_even_after_a_crash() {
     // Simulate a crash: forget the lab without taking it down, then bring up a new
     // lab of the same prefix, which must clear the old one first.
     std::mem::forget(lab);
+    let _down = Down(prefix);
     let again = xfer_lab::up(&LabSpec { prefix: prefix.into(), nodes: 1, rates: vec![], xferd: xferd_path() })
         .await
         .unwrap_or_else(|e| panic!("lab up over a crashed lab: {}", chain(&e)));
     for p in &pids {
-        assert!(!std::path::Path::new(&format!("/proc/{p}")).exists(), "process {p} of the crashed lab survived");
+        assert!(!alive(*p), "process {p} of the crashed lab survived");
     }
     pids.extend(again.hosts.iter().flat_map(|h| [h.containerd_pid, h.xferd_pid]));
     let rep = xfer_lab::down(prefix).await.unwrap_or_else(|e| panic!("down: {}", chain(&e)));

@@ -304,10 +304,10 @@ async fn run_after_prepare(
             .await
             .map_err(|status| (Step::Restore, AgentError::Peer { step: Step::Restore, status }))?
             .into_inner();
-        for p in &reply.phases {
-            info!(phase = %p.name, ms = p.micros as f64 / 1000.0, "destination phase");
-        }
         emit(tx, &phase("restore", t, 0), phases).await;
+        for p in &reply.phases {
+            emit(tx, p, phases).await;
+        }
         Ok::<_, (Step, AgentError)>((sent.wire_bytes, reply.pid))
     }
     .await;

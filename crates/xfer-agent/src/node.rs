@@ -44,6 +44,8 @@ struct Inbound {
     files: Vec<InFile>,
     inject_failure: String,
     lease: Option<xfer_runtime::image::Lease>,
+    /// Top chain id once the image is unpacked here (before the source freezes).
+    chain_id: Option<String>,
 }
 
 /// One node's agent.
@@ -120,8 +122,22 @@ impl Node {
         let _ = std::fs::remove_dir_all(&inb.dir);
     }
 
+    async fn unpack_inbound(&self, mid: &str) -> Result<(), Status> {
+        let (name, manifest) = {
+            let map = self.inbound.lock().await;
+            let inb = map.get(mid).ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
+            (inb.image_name.clone(), inb.manifest.clone())
+        };
+        let manifest = manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
+        let chain = images::ensure_image(&self.rt, &name, &manifest).await.map_err(dst_err)?;
+        if let Some(inb) = self.inbound.lock().await.get_mut(mid) {
+            inb.chain_id = Some(chain);
+        }
+        Ok(())
+    }
+
     async fn restore_inner(&self, req: &RestoreRequest, phases: &mut Vec<PhaseTiming>) -> Result<u32, Status> {
-        let (dir, image_name, manifest, files, inject, lease) = {
+        let (dir, image_name, manifest, files, inject, lease, chain_id) = {
             let map = self.inbound.lock().await;
             let inb = map
                 .get(&req.migration_id)
@@ -136,14 +152,18 @@ impl Node {
                 inb.files.clone(),
                 inb.inject_failure.clone(),
                 inb.lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default(),
+                inb.chain_id.clone(),
             )
         };
         let id = req.container_id.as_str();
         let t = Instant::now();
-        let manifest = manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
-        let chain = images::ensure_image(&self.rt, &image_name, &manifest)
-            .await
-            .map_err(dst_err)?;
+        let chain = match chain_id {
+            Some(c) => c,
+            None => {
+                let manifest = manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
+                images::ensure_image(&self.rt, &image_name, &manifest).await.map_err(dst_err)?
+            }
+        };
         phases.push(phase("dst.image", t, 0));
 
         let t = Instant::now();
@@ -362,8 +382,13 @@ impl Agent for Node {
                 files: Vec::new(),
                 inject_failure: r.inject_failure,
                 lease: Some(lease),
+                chain_id: None,
             },
         );
+        if missing.is_empty() {
+            // Every blob is here already: unpack now, while the source still runs.
+            self.unpack_inbound(&r.migration_id).await?;
+        }
         info!(migration = %r.migration_id, container = %r.container_id, missing = missing.len(), "prepared");
         Ok(Response::new(PrepareReply { missing }))
     }
@@ -418,9 +443,16 @@ impl Agent for Node {
                 .map_err(dst_err)?;
         }
         let n = files.len() as u64;
-        let mut map = self.inbound.lock().await;
-        if let Some(inb) = map.get_mut(&mid) {
-            inb.files.extend(files);
+        let got_blobs = files.iter().any(|f| f.kind == FileKind::ImageBlob);
+        {
+            let mut map = self.inbound.lock().await;
+            if let Some(inb) = map.get_mut(&mid) {
+                inb.files.extend(files);
+            }
+        }
+        if got_blobs {
+            // The image is complete: unpack it now, before the source freezes.
+            self.unpack_inbound(&mid).await?;
         }
         Ok(Response::new(PutFilesReply { files: n, bytes: wire }))
     }

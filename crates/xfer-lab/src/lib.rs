@@ -282,8 +282,14 @@ fn spawn_daemon(netns: &str, mut cmd: Command, log: &Path, what: &str) -> Result
     // Own process group: a Ctrl-C at the terminal that ran `lab up` does not reach it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    let child = xfer_net::spawn_in_netns(netns, cmd).map_err(net_err(format!("start {what}")))?;
-    Ok(child.id())
+    let mut child = xfer_net::spawn_in_netns(netns, cmd).map_err(net_err(format!("start {what}")))?;
+    let pid = child.id();
+    // Reap it when it exits, so a long-lived process that ran `up` (a test, an
+    // embedding program) does not keep zombies; a CLI that exits hands it to init.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(pid)
 }
 
 /// Brings a lab up (after clearing any earlier one of the same prefix).

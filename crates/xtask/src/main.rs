@@ -34,8 +34,33 @@ enum Cmd {
     },
 }
 
+/// Makes this process the reaper of its orphaned descendants (lab daemons, shims and
+/// container processes whose parents died). This machine's PID 1 does not reap
+/// zombies, so without this every lab a test or the demo ran would leave zombies.
+fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes plain integer arguments and only
+    // changes this process's attributes.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        eprintln!("warning: could not become a child subreaper; orphaned lab processes may stay as zombies");
+    }
+}
+
+/// Reaps every child that has exited (orphans adopted as subreaper).
+fn reap_orphans() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid pointer to a local int; WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            break;
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    become_subreaper();
     let result = match &cli.command {
         Cmd::Setup(args) => setup::setup(args),
         Cmd::Test(args) => ci::test(args),
@@ -45,6 +70,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    reap_orphans();
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
