@@ -15,9 +15,16 @@ pub fn require_root_stack() {
     );
     for tool in ["containerd", "runc", "criu", "iptables", "redis-cli"] {
         let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/local/sbin"), PathBuf::from("/usr/sbin")]).any(|d| d.join(tool).exists()))
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .chain([PathBuf::from("/usr/local/sbin"), PathBuf::from("/usr/sbin")])
+                    .any(|d| d.join(tool).exists())
+            })
             .unwrap_or(false);
-        assert!(found, "this end-to-end test needs `{tool}` on PATH: run `cargo xtask setup` first");
+        assert!(
+            found,
+            "this end-to-end test needs `{tool}` on PATH: run `cargo xtask setup` first"
+        );
     }
 }
 
@@ -76,7 +83,10 @@ impl TestLab {
     /// Runs a program in the client namespace; returns stdout, panics on failure.
     pub fn client_exec(&self, args: &[&str]) -> String {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let out = self.lab.exec("client", &args).expect("exec in client namespace");
+        let out = self
+            .lab
+            .exec("client", &args)
+            .expect("exec in client namespace");
         assert!(
             out.status.success(),
             "{args:?} failed: {}{}",
@@ -92,7 +102,10 @@ impl Drop for TestLab {
         let prefix = self.lab.prefix.clone();
         // Drop may run inside a runtime: tear down on a thread with its own.
         let res = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(xfer_lab::down(&prefix)).map_err(|e| chain(&e))
         })
         .join();

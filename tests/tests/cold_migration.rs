@@ -19,9 +19,15 @@ async fn cold_busybox_counter_keeps_counting_and_its_writable_layer() {
     let mut h1 = lab.agent("h1").await;
     let mut h2 = lab.agent("h2").await;
     let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
-    let pid = h1.run("counter", "busybox", &args, &[]).await.unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    let pid = h1
+        .run("counter", "busybox", &args, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
     // Let it count for a while.
-    let before = wait_for("counter >= 20", Duration::from_secs(20), || count(pid).filter(|c| *c >= 20)).await;
+    let before = wait_for("counter >= 20", Duration::from_secs(20), || {
+        count(pid).filter(|c| *c >= 20)
+    })
+    .await;
     assert_eq!(read_in(pid, "/written").as_deref(), Some("kept"));
     assert!(std::fs::symlink_metadata(format!("/proc/{pid}/root/bin/wc")).is_err());
 
@@ -32,16 +38,28 @@ async fn cold_busybox_counter_keeps_counting_and_its_writable_layer() {
         .unwrap_or_else(|e| panic!("migrate: {}", chain(&e)));
     assert!(report.restored_pid > 0);
     assert!(report.downtime_micros > 0 && report.downtime_micros <= report.total_micros);
-    assert_eq!(report.image_blobs_skipped, 0, "h2 had no image: every blob must be sent");
+    assert_eq!(
+        report.image_blobs_skipped, 0,
+        "h2 had no image: every blob must be sent"
+    );
 
     // Gone from h1, running on h2.
-    assert!(task_pid(&mut h1, "counter").await.is_none(), "the source copy must be removed");
+    assert!(
+        task_pid(&mut h1, "counter").await.is_none(),
+        "the source copy must be removed"
+    );
     let (npid, status) = task_pid(&mut h2, "counter").await.expect("counter on h2");
     assert_eq!(status, "running");
     // It continues from its checkpointed value (a fresh start would count from 1).
-    let after = wait_for("counter readable on h2", Duration::from_secs(10), || count(npid)).await;
+    let after = wait_for("counter readable on h2", Duration::from_secs(10), || {
+        count(npid)
+    })
+    .await;
     assert!(after >= before, "counter restarted: {after} < {before}");
-    let later = wait_for("counter advancing on h2", Duration::from_secs(10), || count(npid).filter(|c| *c > after)).await;
+    let later = wait_for("counter advancing on h2", Duration::from_secs(10), || {
+        count(npid).filter(|c| *c > after)
+    })
+    .await;
     assert!(later > after);
     // The writable layer came along: the written file is there, the deleted one is not.
     assert_eq!(read_in(npid, "/written").as_deref(), Some("kept"));
@@ -58,8 +76,13 @@ async fn cold_busybox_counter_keeps_counting_and_its_writable_layer() {
         .await
         .unwrap_or_else(|e| panic!("migrate back: {}", chain(&e)));
     assert_eq!(report.image_blobs_sent, 0);
-    let (bpid, _) = task_pid(&mut h1, "counter").await.expect("counter back on h1");
-    let back_count = wait_for("counter on h1 again", Duration::from_secs(10), || count(bpid)).await;
+    let (bpid, _) = task_pid(&mut h1, "counter")
+        .await
+        .expect("counter back on h1");
+    let back_count = wait_for("counter on h1 again", Duration::from_secs(10), || {
+        count(bpid)
+    })
+    .await;
     assert!(back_count >= later);
 }
 
@@ -68,39 +91,98 @@ async fn cold_redis_keeps_every_key() {
     let lab = TestLab::up("tcr", 2).await;
     lab.import("h1", "redis").await;
     let mut h1 = lab.agent("h1").await;
-    let args: Vec<String> = ["redis-server", "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no", "--enable-debug-command", "yes"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    h1.run("redis", "redis", &args, &[]).await.unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    let args: Vec<String> = [
+        "redis-server",
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    h1.run("redis", "redis", &args, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
     let a1 = lab.lab.host("h1").expect("h1").address.to_string();
     let a2 = lab.lab.host("h2").expect("h2").address.to_string();
     wait_for("redis on h1", Duration::from_secs(20), || {
-        let out = lab.lab.exec("client", &["redis-cli".into(), "-h".into(), a1.clone(), "PING".into()]).ok()?;
-        String::from_utf8_lossy(&out.stdout).contains("PONG").then_some(())
+        let out = lab
+            .lab
+            .exec(
+                "client",
+                &["redis-cli".into(), "-h".into(), a1.clone(), "PING".into()],
+            )
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains("PONG")
+            .then_some(())
     })
     .await;
-    lab.client_exec(&["redis-cli", "-h", &a1, "DEBUG", "POPULATE", "100000", "key", "64"]);
+    lab.client_exec(&[
+        "redis-cli",
+        "-h",
+        &a1,
+        "DEBUG",
+        "POPULATE",
+        "100000",
+        "key",
+        "64",
+    ]);
     lab.client_exec(&["redis-cli", "-h", &a1, "SET", "marker", "before-migration"]);
-    assert_eq!(lab.client_exec(&["redis-cli", "-h", &a1, "DBSIZE"]), "100001");
+    assert_eq!(
+        lab.client_exec(&["redis-cli", "-h", &a1, "DBSIZE"]),
+        "100001"
+    );
     let digest_before = lab.client_exec(&["redis-cli", "-h", &a1, "DEBUG", "DIGEST"]);
 
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
     let mut phases = Vec::new();
     let report = h1
-        .migrate("redis", &dst, Mode::Cold, |p| phases.push((p.name.clone(), p.micros)))
+        .migrate("redis", &dst, Mode::Cold, |p| {
+            phases.push((p.name.clone(), p.micros))
+        })
         .await
         .unwrap_or_else(|e| panic!("migrate: {}", chain(&e)));
-    eprintln!("cold redis 100k keys: {phases:?}; total {} us, downtime {} us, {} bytes", report.total_micros, report.downtime_micros, report.bytes_sent);
+    eprintln!(
+        "cold redis 100k keys: {phases:?}; total {} us, downtime {} us, {} bytes",
+        report.total_micros, report.downtime_micros, report.bytes_sent
+    );
     for want in ["checkpoint", "transfer", "restore"] {
-        assert!(phases.iter().any(|(n, _)| n == want), "phase {want} missing from {phases:?}");
+        assert!(
+            phases.iter().any(|(n, _)| n == want),
+            "phase {want} missing from {phases:?}"
+        );
     }
-    assert_eq!(lab.client_exec(&["redis-cli", "-h", &a2, "DBSIZE"]), "100001");
-    assert_eq!(lab.client_exec(&["redis-cli", "-h", &a2, "GET", "marker"]), "before-migration");
-    assert_eq!(lab.client_exec(&["redis-cli", "-h", &a2, "GET", "key:99999"]).len(), 64);
-    assert_eq!(lab.client_exec(&["redis-cli", "-h", &a2, "DEBUG", "DIGEST"]), digest_before, "dataset changed in flight");
+    assert_eq!(
+        lab.client_exec(&["redis-cli", "-h", &a2, "DBSIZE"]),
+        "100001"
+    );
+    assert_eq!(
+        lab.client_exec(&["redis-cli", "-h", &a2, "GET", "marker"]),
+        "before-migration"
+    );
+    assert_eq!(
+        lab.client_exec(&["redis-cli", "-h", &a2, "GET", "key:99999"])
+            .len(),
+        64
+    );
+    assert_eq!(
+        lab.client_exec(&["redis-cli", "-h", &a2, "DEBUG", "DIGEST"]),
+        digest_before,
+        "dataset changed in flight"
+    );
     // And it still takes writes.
-    assert_eq!(lab.client_exec(&["redis-cli", "-h", &a2, "INCR", "after"]), "1");
+    assert_eq!(
+        lab.client_exec(&["redis-cli", "-h", &a2, "INCR", "after"]),
+        "1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,8 +192,14 @@ async fn failure_at_restore_leaves_the_source_running() {
     let mut h1 = lab.agent("h1").await;
     let mut h2 = lab.agent("h2").await;
     let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
-    let pid = h1.run("counter", "busybox", &args, &[]).await.unwrap_or_else(|e| panic!("run: {}", chain(&e)));
-    let before = wait_for("counter >= 10", Duration::from_secs(20), || count(pid).filter(|c| *c >= 10)).await;
+    let pid = h1
+        .run("counter", "busybox", &args, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    let before = wait_for("counter >= 10", Duration::from_secs(20), || {
+        count(pid).filter(|c| *c >= 10)
+    })
+    .await;
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
     for step in ["restore", "transfer"] {
         let err = h1
@@ -119,17 +207,28 @@ async fn failure_at_restore_leaves_the_source_running() {
             .await
             .expect_err("the injected failure must fail the migration");
         let msg = chain(&err);
-        assert!(msg.contains(step), "error does not name the {step} step: {msg}");
+        assert!(
+            msg.contains(step),
+            "error does not name the {step} step: {msg}"
+        );
         // The source runs on, same process, not frozen, still counting, data intact.
-        let (spid, status) = task_pid(&mut h1, "counter").await.expect("source container must remain");
+        let (spid, status) = task_pid(&mut h1, "counter")
+            .await
+            .expect("source container must remain");
         assert_eq!(spid, pid, "the source task must be the same process");
         assert_eq!(status, "running");
         let now = count(pid).expect("count");
         assert!(now >= before);
-        wait_for("source counting again", Duration::from_secs(5), || count(pid).filter(|c| *c > now)).await;
+        wait_for("source counting again", Duration::from_secs(5), || {
+            count(pid).filter(|c| *c > now)
+        })
+        .await;
         assert_eq!(read_in(pid, "/written").as_deref(), Some("kept"));
         // Nothing at the destination.
-        assert!(task_pid(&mut h2, "counter").await.is_none(), "destination leftover after failed {step}");
+        assert!(
+            task_pid(&mut h2, "counter").await.is_none(),
+            "destination leftover after failed {step}"
+        );
     }
     // A second attempt after the failures works.
     h1.migrate("counter", &dst, Mode::Cold, |_| {})
@@ -144,19 +243,42 @@ async fn bad_input_is_refused_before_anything_freezes() {
     lab.import("h1", "busybox").await;
     let mut h1 = lab.agent("h1").await;
     let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
-    h1.run("counter", "busybox", &args, &[]).await.unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    h1.run("counter", "busybox", &args, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
     let me = lab.lab.host("h1").expect("h1").endpoint.clone();
-    let unknown = h1.migrate("nope", &dst, Mode::Cold, |_| {}).await.expect_err("unknown container");
-    assert!(chain(&unknown).contains("no container \"nope\""), "{}", chain(&unknown));
+    let unknown = h1
+        .migrate("nope", &dst, Mode::Cold, |_| {})
+        .await
+        .expect_err("unknown container");
+    assert!(
+        chain(&unknown).contains("no container \"nope\""),
+        "{}",
+        chain(&unknown)
+    );
     let unreachable = h1
         .migrate("counter", "http://127.0.0.1:1", Mode::Cold, |_| {})
         .await
         .expect_err("unreachable destination");
-    assert!(chain(&unreachable).contains("connect to agent"), "{}", chain(&unreachable));
-    let to_self = h1.migrate("counter", &me, Mode::Cold, |_| {}).await.expect_err("to itself");
-    assert!(chain(&to_self).contains("is this node"), "{}", chain(&to_self));
-    let live = h1.migrate("counter", &dst, Mode::Precopy, |_| {}).await.expect_err("precopy not built");
+    assert!(
+        chain(&unreachable).contains("connect to agent"),
+        "{}",
+        chain(&unreachable)
+    );
+    let to_self = h1
+        .migrate("counter", &me, Mode::Cold, |_| {})
+        .await
+        .expect_err("to itself");
+    assert!(
+        chain(&to_self).contains("is this node"),
+        "{}",
+        chain(&to_self)
+    );
+    let live = h1
+        .migrate("counter", &dst, Mode::Precopy, |_| {})
+        .await
+        .expect_err("precopy not built");
     assert!(chain(&live).contains("not implemented"), "{}", chain(&live));
     let (_, status) = task_pid(&mut h1, "counter").await.expect("still there");
     assert_eq!(status, "running");

@@ -7,7 +7,10 @@ use xfer_tests::{chain, require_root_stack, task_pid, xferd_path, TestLab};
 /// machine's init does not always do so promptly).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -19,7 +22,10 @@ impl Drop for Down {
     fn drop(&mut self) {
         let p = self.0;
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(xfer_lab::down(p))
         })
         .join();
@@ -34,7 +40,10 @@ fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
             out.push(format!("namespace {ns}"));
         }
     }
-    for l in std::fs::read_dir("/sys/class/net").expect("links").flatten() {
+    for l in std::fs::read_dir("/sys/class/net")
+        .expect("links")
+        .flatten()
+    {
         let n = l.file_name().to_string_lossy().into_owned();
         if n.starts_with(&format!("{prefix}-")) {
             out.push(format!("link {n}"));
@@ -54,8 +63,15 @@ fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
     if std::path::Path::new(&format!("/var/lib/xfer-lab/{prefix}")).exists() {
         out.push("lab directory".into());
     }
-    for e in std::fs::read_dir("/run/containerd/runc").into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with(&format!("xfer-{prefix}-")) {
+    for e in std::fs::read_dir("/run/containerd/runc")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("xfer-{prefix}-"))
+        {
             out.push(format!("runc state {}", e.path().display()));
         }
     }
@@ -71,25 +87,46 @@ async fn lab_down_leaves_nothing_even_after_a_crash() {
     lab.import("h1", "busybox").await;
     let mut h1 = lab.agent("h1").await;
     let args: Vec<String> = vec!["sleep".into(), "1000".into()];
-    h1.run("sleeper", "busybox", &args, &[]).await.unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    h1.run("sleeper", "busybox", &args, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
     let (cpid, _) = task_pid(&mut h1, "sleeper").await.expect("sleeper");
-    let mut pids: Vec<u32> = lab.lab.hosts.iter().flat_map(|h| [h.containerd_pid, h.xferd_pid]).collect();
+    let mut pids: Vec<u32> = lab
+        .lab
+        .hosts
+        .iter()
+        .flat_map(|h| [h.containerd_pid, h.xferd_pid])
+        .collect();
     pids.push(cpid);
     // Simulate a crash: forget the lab without taking it down, then bring up a new
     // lab of the same prefix, which must clear the old one first.
     std::mem::forget(lab);
     let _down = Down(prefix);
-    let again = xfer_lab::up(&LabSpec { prefix: prefix.into(), nodes: 1, rates: vec![], xferd: xferd_path() })
-        .await
-        .unwrap_or_else(|e| panic!("lab up over a crashed lab: {}", chain(&e)));
+    let again = xfer_lab::up(&LabSpec {
+        prefix: prefix.into(),
+        nodes: 1,
+        rates: vec![],
+        xferd: xferd_path(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("lab up over a crashed lab: {}", chain(&e)));
     for p in &pids {
         assert!(!alive(*p), "process {p} of the crashed lab survived");
     }
-    pids.extend(again.hosts.iter().flat_map(|h| [h.containerd_pid, h.xferd_pid]));
-    let rep = xfer_lab::down(prefix).await.unwrap_or_else(|e| panic!("down: {}", chain(&e)));
+    pids.extend(
+        again
+            .hosts
+            .iter()
+            .flat_map(|h| [h.containerd_pid, h.xferd_pid]),
+    );
+    let rep = xfer_lab::down(prefix)
+        .await
+        .unwrap_or_else(|e| panic!("down: {}", chain(&e)));
     assert!(!rep.namespaces.is_empty());
     let left = leftovers(prefix, &pids);
     assert!(left.is_empty(), "left behind: {left:#?}");
     // Down twice is fine.
-    xfer_lab::down(prefix).await.unwrap_or_else(|e| panic!("second down: {}", chain(&e)));
+    xfer_lab::down(prefix)
+        .await
+        .unwrap_or_else(|e| panic!("second down: {}", chain(&e)));
 }

@@ -46,7 +46,11 @@ impl std::str::FromStr for Mode {
             "postcopy" => Mode::Postcopy,
             "hybrid" => Mode::Hybrid,
             "auto" => Mode::Auto,
-            _ => return Err(format!("unknown mode {s:?}: use cold, precopy, postcopy, hybrid or auto")),
+            _ => {
+                return Err(format!(
+                    "unknown mode {s:?}: use cold, precopy, postcopy, hybrid or auto"
+                ))
+            }
         })
     }
 }
@@ -72,7 +76,13 @@ impl Client {
     }
 
     /// Starts a container from an image already on the node.
-    pub async fn run(&mut self, id: &str, image: &str, args: &[String], env: &[String]) -> Result<u32, AgentError> {
+    pub async fn run(
+        &mut self,
+        id: &str,
+        image: &str,
+        args: &[String],
+        env: &[String],
+    ) -> Result<u32, AgentError> {
         let r = self
             .inner
             .run_container(RunContainerRequest {
@@ -82,7 +92,10 @@ impl Client {
                 env: env.to_vec(),
             })
             .await
-            .map_err(|status| AgentError::Peer { step: Step::Validate, status })?;
+            .map_err(|status| AgentError::Peer {
+                step: Step::Validate,
+                status,
+            })?;
         Ok(r.into_inner().pid)
     }
 
@@ -92,7 +105,10 @@ impl Client {
             .inner
             .list_containers(ListContainersRequest {})
             .await
-            .map_err(|status| AgentError::Peer { step: Step::Validate, status })?;
+            .map_err(|status| AgentError::Peer {
+                step: Step::Validate,
+                status,
+            })?;
         Ok(r.into_inner().containers)
     }
 
@@ -101,7 +117,10 @@ impl Client {
         self.inner
             .remove_container(RemoveContainerRequest { id: id.to_string() })
             .await
-            .map_err(|status| AgentError::Peer { step: Step::CleanupSource, status })?;
+            .map_err(|status| AgentError::Peer {
+                step: Step::CleanupSource,
+                status,
+            })?;
         Ok(())
     }
 
@@ -137,7 +156,10 @@ impl Client {
                 inject_failure: inject_failure.to_string(),
             })
             .await
-            .map_err(|status| AgentError::Peer { step: Step::Validate, status })?
+            .map_err(|status| AgentError::Peer {
+                step: Step::Validate,
+                status,
+            })?
             .into_inner();
         while let Some(ev) = stream.next().await {
             let ev = ev.map_err(|status| AgentError::Remote { status })?;

@@ -94,7 +94,9 @@ impl AgentError {
             src = s.source();
         }
         match self {
-            AgentError::Refused(_) | AgentError::Decode(_) => tonic::Status::failed_precondition(msg),
+            AgentError::Refused(_) | AgentError::Decode(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
             AgentError::BadChunk(_) | AgentError::Verify { .. } | AgentError::Frame(_) => {
                 tonic::Status::data_loss(msg)
             }

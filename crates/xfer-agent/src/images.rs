@@ -29,7 +29,9 @@ fn to_wire(d: &BlobDescriptor) -> WireBlob {
 
 fn from_wire(d: &WireBlob) -> Result<BlobDescriptor, RuntimeError> {
     if d.size < 0 || !d.digest.starts_with("sha256:") || d.media_type.is_empty() {
-        return Err(RuntimeError::Invalid(format!("malformed blob descriptor {d:?}")));
+        return Err(RuntimeError::Invalid(format!(
+            "malformed blob descriptor {d:?}"
+        )));
     }
     Ok(BlobDescriptor {
         media_type: d.media_type.clone(),
@@ -58,7 +60,11 @@ pub async fn has_blobs(rt: &Containerd, digests: &[String]) -> Result<Vec<bool>,
 }
 
 /// Copies a blob out of the content store into a file.
-pub async fn read_blob_to_file(rt: &Containerd, digest: &str, path: &Path) -> Result<(), RuntimeError> {
+pub async fn read_blob_to_file(
+    rt: &Containerd,
+    digest: &str,
+    path: &Path,
+) -> Result<(), RuntimeError> {
     let bytes = image::read_blob(&rt.client(), &rt.config().namespace, digest).await?;
     std::fs::write(path, bytes).map_err(|source| RuntimeError::Io {
         op: "write blob",
@@ -69,42 +75,82 @@ pub async fn read_blob_to_file(rt: &Containerd, digest: &str, path: &Path) -> Re
 
 /// Writes a received blob file into the content store (containerd checks its digest),
 /// protected by `lease` until the image references it.
-pub async fn write_blob_file(rt: &Containerd, lease: &str, desc: &WireBlob, path: &Path) -> Result<(), RuntimeError> {
+pub async fn write_blob_file(
+    rt: &Containerd,
+    lease: &str,
+    desc: &WireBlob,
+    path: &Path,
+) -> Result<(), RuntimeError> {
     let desc = from_wire(desc)?;
     let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
         op: "read blob",
         path: path.to_path_buf(),
         source,
     })?;
-    image::write_blob(&rt.client(), &rt.config().namespace, Some(lease), &desc, &bytes, &BTreeMap::new()).await?;
+    image::write_blob(
+        &rt.client(),
+        &rt.config().namespace,
+        Some(lease),
+        &desc,
+        &bytes,
+        &BTreeMap::new(),
+    )
+    .await?;
     Ok(())
 }
 
 /// Creates (or updates) the image record from blobs in the content store and unpacks
 /// it; returns the top chain id, the parent of the container's snapshot.
-pub async fn ensure_image(rt: &Containerd, name: &str, manifest: &WireBlob) -> Result<String, RuntimeError> {
+pub async fn ensure_image(
+    rt: &Containerd,
+    name: &str,
+    manifest: &WireBlob,
+) -> Result<String, RuntimeError> {
     let manifest = from_wire(manifest)?;
-    let imported =
-        image::import_from_content(&rt.client(), &rt.config().namespace, name, &manifest, &rt.config().snapshotter)
-            .await?;
+    let imported = image::import_from_content(
+        &rt.client(),
+        &rt.config().namespace,
+        name,
+        &manifest,
+        &rt.config().snapshotter,
+    )
+    .await?;
     Ok(imported.chain_id)
 }
 
 /// Applies the writable-layer diff tar at `path` to the container's snapshot `key`.
-pub async fn apply_diff(rt: &Containerd, lease: &str, key: &str, path: &Path) -> Result<(), RuntimeError> {
+pub async fn apply_diff(
+    rt: &Containerd,
+    lease: &str,
+    key: &str,
+    path: &Path,
+) -> Result<(), RuntimeError> {
     let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
         op: "read writable-layer diff",
         path: path.to_path_buf(),
         source,
     })?;
     let desc = BlobDescriptor::of(MEDIA_TYPE_LAYER_TAR, &bytes);
-    image::write_blob(&rt.client(), &rt.config().namespace, Some(lease), &desc, &bytes, &BTreeMap::new()).await?;
+    image::write_blob(
+        &rt.client(),
+        &rt.config().namespace,
+        Some(lease),
+        &desc,
+        &bytes,
+        &BTreeMap::new(),
+    )
+    .await?;
     rt.apply_layer(key, desc.to_containerd()).await
 }
 
 /// A lease that keeps a migration's blobs from garbage collection.
 pub async fn lease(rt: &Containerd) -> Result<image::Lease, RuntimeError> {
-    image::Lease::create(&rt.client(), &rt.config().namespace, std::time::Duration::from_secs(3600)).await
+    image::Lease::create(
+        &rt.client(),
+        &rt.config().namespace,
+        std::time::Duration::from_secs(3600),
+    )
+    .await
 }
 
 /// Ends a lease.

@@ -38,7 +38,9 @@ async fn emit(tx: &Events, p: &PhaseTiming, phases: &mut Vec<PhaseTiming>) {
 }
 
 /// Opens a channel to a peer agent and checks its protocol version.
-pub async fn connect_peer(endpoint: &str) -> Result<(AgentClient<Channel>, HelloReply), AgentError> {
+pub async fn connect_peer(
+    endpoint: &str,
+) -> Result<(AgentClient<Channel>, HelloReply), AgentError> {
     let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|source| AgentError::Connect {
             endpoint: endpoint.to_string(),
@@ -90,7 +92,12 @@ async fn send_files(
 }
 
 /// Runs one migration; on failure after the freeze, the source resumes.
-pub async fn run(node: &Node, mid: &str, req: &MigrateRequest, tx: Events) -> Result<MigrationReport, AgentError> {
+pub async fn run(
+    node: &Node,
+    mid: &str,
+    req: &MigrateRequest,
+    tx: Events,
+) -> Result<MigrationReport, AgentError> {
     let start = Instant::now();
     let mut phases = Vec::new();
     let id = req.container_id.as_str();
@@ -129,7 +136,12 @@ pub async fn run(node: &Node, mid: &str, req: &MigrateRequest, tx: Events) -> Re
     let image = images::info(rt, &record.image)
         .await
         .map_err(rt_err(Step::Validate))?
-        .ok_or_else(|| AgentError::Refused(format!("image {} of {id} is not in this node's content store", record.image)))?;
+        .ok_or_else(|| {
+            AgentError::Refused(format!(
+                "image {} of {id} is not in this node's content store",
+                record.image
+            ))
+        })?;
     emit(&tx, &phase("validate", t, 0), &mut phases).await;
 
     // Prepare: the destination says which image blobs it lacks.
@@ -156,7 +168,19 @@ pub async fn run(node: &Node, mid: &str, req: &MigrateRequest, tx: Events) -> Re
     emit(&tx, &phase("prepare", t, 0), &mut phases).await;
 
     let out_dir = node.cfg.work_dir.join("out").join(mid);
-    let result = run_after_prepare(node, mid, req, &record, &image, &missing, &mut peer, &tx, &mut phases, &out_dir).await;
+    let result = run_after_prepare(
+        node,
+        mid,
+        req,
+        &record,
+        &image,
+        &missing,
+        &mut peer,
+        &tx,
+        &mut phases,
+        &out_dir,
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&out_dir);
     let (downtime_us, bytes_sent, pid) = match result {
         Ok(v) => v,
@@ -214,21 +238,37 @@ async fn run_after_prepare(
     if !missing.is_empty() {
         let blob_dir = out_dir.join("blobs");
         std::fs::create_dir_all(&blob_dir).map_err(|source| {
-            (Step::Image, AgentError::WriteFile { path: blob_dir.clone(), source })
+            (
+                Step::Image,
+                AgentError::WriteFile {
+                    path: blob_dir.clone(),
+                    source,
+                },
+            )
         })?;
         let mut files = Vec::new();
         for d in missing {
             let path = blob_dir.join(d.replace(':', "_"));
             images::read_blob_to_file(rt, d, &path)
                 .await
-                .map_err(|source| (Step::Image, AgentError::Runtime { step: Step::Image, source }))?;
+                .map_err(|source| {
+                    (
+                        Step::Image,
+                        AgentError::Runtime {
+                            step: Step::Image,
+                            source,
+                        },
+                    )
+                })?;
             files.push(OutFile {
                 kind: FileKind::ImageBlob,
                 name: d.clone(),
                 path,
             });
         }
-        let sent = send_files(peer, mid, files).await.map_err(|e| (Step::Image, e))?;
+        let sent = send_files(peer, mid, files)
+            .await
+            .map_err(|e| (Step::Image, e))?;
         bytes_sent += sent.wire_bytes;
         emit(tx, &phase("image", t, sent.wire_bytes), phases).await;
     } else {
@@ -237,9 +277,15 @@ async fn run_after_prepare(
 
     // Freeze: downtime starts.
     let frozen_at = Instant::now();
-    rt.pause(id)
-        .await
-        .map_err(|source| (Step::Freeze, AgentError::Runtime { step: Step::Freeze, source }))?;
+    rt.pause(id).await.map_err(|source| {
+        (
+            Step::Freeze,
+            AgentError::Runtime {
+                step: Step::Freeze,
+                source,
+            },
+        )
+    })?;
     emit(tx, &phase("freeze", frozen_at, 0), phases).await;
 
     let after_freeze = async {
@@ -248,36 +294,74 @@ async fn run_after_prepare(
         let work_dir = out_dir.join("work");
         rt.checkpoint(id, &criu_dir, &work_dir)
             .await
-            .map_err(|source| (Step::Checkpoint, AgentError::Runtime { step: Step::Checkpoint, source }))?;
+            .map_err(|source| {
+                (
+                    Step::Checkpoint,
+                    AgentError::Runtime {
+                        step: Step::Checkpoint,
+                        source,
+                    },
+                )
+            })?;
         // Invariant: the task stays frozen from the freeze to the end; if the dump had
         // thawed it, the source would diverge from the copy being moved.
-        let (st, _) = rt
-            .task_state(id)
-            .await
-            .map_err(|source| (Step::Checkpoint, AgentError::Runtime { step: Step::Checkpoint, source }))?;
+        let (st, _) = rt.task_state(id).await.map_err(|source| {
+            (
+                Step::Checkpoint,
+                AgentError::Runtime {
+                    step: Step::Checkpoint,
+                    source,
+                },
+            )
+        })?;
         if st != TaskState::Paused {
             return Err((
                 Step::Checkpoint,
-                AgentError::Refused(format!("the task is {} after the dump, not paused", st.as_str())),
+                AgentError::Refused(format!(
+                    "the task is {} after the dump, not paused",
+                    st.as_str()
+                )),
             ));
         }
         let criu_bytes = dir_size(&criu_dir);
         emit(tx, &phase("checkpoint", t, criu_bytes), phases).await;
 
         let t = Instant::now();
-        let upper = rt
-            .upper_dir(record)
-            .await
-            .map_err(|source| (Step::RootfsDiff, AgentError::Runtime { step: Step::RootfsDiff, source }))?;
+        let upper = rt.upper_dir(record).await.map_err(|source| {
+            (
+                Step::RootfsDiff,
+                AgentError::Runtime {
+                    step: Step::RootfsDiff,
+                    source,
+                },
+            )
+        })?;
         let diff_path = out_dir.join("rootfs.tar");
         let summary = {
             let (u, p) = (upper.clone(), diff_path.clone());
             tokio::task::spawn_blocking(move || xfer_runtime::rootfs::capture(&u, &p))
                 .await
-                .map_err(|e| (Step::RootfsDiff, AgentError::Refused(format!("diff task: {e}"))))?
-                .map_err(|source| (Step::RootfsDiff, AgentError::Runtime { step: Step::RootfsDiff, source }))?
+                .map_err(|e| {
+                    (
+                        Step::RootfsDiff,
+                        AgentError::Refused(format!("diff task: {e}")),
+                    )
+                })?
+                .map_err(|source| {
+                    (
+                        Step::RootfsDiff,
+                        AgentError::Runtime {
+                            step: Step::RootfsDiff,
+                            source,
+                        },
+                    )
+                })?
         };
-        info!(changed = summary.changed.len(), deleted = summary.deleted.len(), "writable-layer diff captured");
+        info!(
+            changed = summary.changed.len(),
+            deleted = summary.deleted.len(),
+            "writable-layer diff captured"
+        );
         emit(tx, &phase("rootfs_diff", t, summary.tar_bytes), phases).await;
 
         let t = Instant::now();
@@ -287,7 +371,9 @@ async fn run_after_prepare(
             name: "rootfs.tar".into(),
             path: diff_path,
         });
-        let sent = send_files(peer, mid, files).await.map_err(|e| (Step::Transfer, e))?;
+        let sent = send_files(peer, mid, files)
+            .await
+            .map_err(|e| (Step::Transfer, e))?;
         emit(tx, &phase("transfer", t, sent.wire_bytes), phases).await;
 
         let t = Instant::now();
@@ -302,7 +388,15 @@ async fn run_after_prepare(
                 has_rootfs_diff: true,
             })
             .await
-            .map_err(|status| (Step::Restore, AgentError::Peer { step: Step::Restore, status }))?
+            .map_err(|status| {
+                (
+                    Step::Restore,
+                    AgentError::Peer {
+                        step: Step::Restore,
+                        status,
+                    },
+                )
+            })?
             .into_inner();
         emit(tx, &phase("restore", t, 0), phases).await;
         for p in &reply.phases {

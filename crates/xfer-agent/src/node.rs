@@ -125,23 +125,31 @@ impl Node {
     async fn unpack_inbound(&self, mid: &str) -> Result<(), Status> {
         let (name, manifest) = {
             let map = self.inbound.lock().await;
-            let inb = map.get(mid).ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
+            let inb = map
+                .get(mid)
+                .ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
             (inb.image_name.clone(), inb.manifest.clone())
         };
         let manifest = manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
-        let chain = images::ensure_image(&self.rt, &name, &manifest).await.map_err(dst_err)?;
+        let chain = images::ensure_image(&self.rt, &name, &manifest)
+            .await
+            .map_err(dst_err)?;
         if let Some(inb) = self.inbound.lock().await.get_mut(mid) {
             inb.chain_id = Some(chain);
         }
         Ok(())
     }
 
-    async fn restore_inner(&self, req: &RestoreRequest, phases: &mut Vec<PhaseTiming>) -> Result<u32, Status> {
+    async fn restore_inner(
+        &self,
+        req: &RestoreRequest,
+        phases: &mut Vec<PhaseTiming>,
+    ) -> Result<u32, Status> {
         let (dir, image_name, manifest, files, inject, lease, chain_id) = {
             let map = self.inbound.lock().await;
-            let inb = map
-                .get(&req.migration_id)
-                .ok_or_else(|| refuse(format!("no migration {} prepared here", req.migration_id)))?;
+            let inb = map.get(&req.migration_id).ok_or_else(|| {
+                refuse(format!("no migration {} prepared here", req.migration_id))
+            })?;
             if inb.container_id != req.container_id {
                 return Err(refuse("container id differs from the prepared one"));
             }
@@ -151,7 +159,10 @@ impl Node {
                 inb.manifest.clone(),
                 inb.files.clone(),
                 inb.inject_failure.clone(),
-                inb.lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default(),
+                inb.lease
+                    .as_ref()
+                    .map(|l| l.id().to_string())
+                    .unwrap_or_default(),
                 inb.chain_id.clone(),
             )
         };
@@ -160,14 +171,20 @@ impl Node {
         let chain = match chain_id {
             Some(c) => c,
             None => {
-                let manifest = manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
-                images::ensure_image(&self.rt, &image_name, &manifest).await.map_err(dst_err)?
+                let manifest =
+                    manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
+                images::ensure_image(&self.rt, &image_name, &manifest)
+                    .await
+                    .map_err(dst_err)?
             }
         };
         phases.push(phase("dst.image", t, 0));
 
         let t = Instant::now();
-        self.rt.prepare_snapshot(id, &chain, Some(&lease)).await.map_err(dst_err)?;
+        self.rt
+            .prepare_snapshot(id, &chain, Some(&lease))
+            .await
+            .map_err(dst_err)?;
         let cleanup_all = |node: Node, id: String| async move {
             let _ = node.rt.remove(&id).await;
         };
@@ -226,7 +243,9 @@ impl Node {
             Err(e) => {
                 let log = xfer_runtime::containerd::criu_log_tail(&work);
                 cleanup_all(self.clone(), id.to_string()).await;
-                return Err(dst_err(xfer_runtime::RuntimeError::Invalid(format!("{e} ({log})"))));
+                return Err(dst_err(xfer_runtime::RuntimeError::Invalid(format!(
+                    "{e} ({log})"
+                ))));
             }
         };
         phases.push(phase("dst.criu_restore", t, 0));
@@ -247,7 +266,8 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<MigrateEvent, Status>> + Sen
 #[tonic::async_trait]
 impl Agent for Node {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        xfer_proto::check_version(req.get_ref().version).map_err(|e| AgentError::Decode(e).to_status())?;
+        xfer_proto::check_version(req.get_ref().version)
+            .map_err(|e| AgentError::Decode(e).to_status())?;
         Ok(Response::new(HelloReply {
             version: xfer_proto::PROTOCOL_VERSION as i32,
             node: self.cfg.name.clone(),
@@ -257,7 +277,10 @@ impl Agent for Node {
         }))
     }
 
-    async fn run_container(&self, req: Request<RunContainerRequest>) -> Result<Response<RunContainerReply>, Status> {
+    async fn run_container(
+        &self,
+        req: Request<RunContainerRequest>,
+    ) -> Result<Response<RunContainerReply>, Status> {
         let r = req.into_inner();
         let info = images::info(&self.rt, &r.image)
             .await
@@ -277,7 +300,10 @@ impl Agent for Node {
         Ok(Response::new(RunContainerReply { pid }))
     }
 
-    async fn list_containers(&self, _req: Request<ListContainersRequest>) -> Result<Response<ListContainersReply>, Status> {
+    async fn list_containers(
+        &self,
+        _req: Request<ListContainersRequest>,
+    ) -> Result<Response<ListContainersReply>, Status> {
         let list = self.rt.list().await.map_err(rt_err(Step::Validate))?;
         Ok(Response::new(ListContainersReply {
             containers: list
@@ -292,19 +318,32 @@ impl Agent for Node {
         }))
     }
 
-    async fn remove_container(&self, req: Request<RemoveContainerRequest>) -> Result<Response<RemoveContainerReply>, Status> {
+    async fn remove_container(
+        &self,
+        req: Request<RemoveContainerRequest>,
+    ) -> Result<Response<RemoveContainerReply>, Status> {
         let id = req.into_inner().id;
-        self.rt.container(&id).await.map_err(rt_err(Step::Validate))?;
-        self.rt.remove(&id).await.map_err(rt_err(Step::CleanupSource))?;
+        self.rt
+            .container(&id)
+            .await
+            .map_err(rt_err(Step::Validate))?;
+        self.rt
+            .remove(&id)
+            .await
+            .map_err(rt_err(Step::CleanupSource))?;
         Ok(Response::new(RemoveContainerReply {}))
     }
 
     type MigrateStream = EventStream;
 
-    async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Self::MigrateStream>, Status> {
+    async fn migrate(
+        &self,
+        req: Request<MigrateRequest>,
+    ) -> Result<Response<Self::MigrateStream>, Status> {
         let r = req.into_inner();
         xfer_proto::check_version(r.version).map_err(|e| AgentError::Decode(e).to_status())?;
-        let mode = xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
+        let mode =
+            xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
         if mode != MigrationMode::Cold {
             return Err(Status::unimplemented(format!(
                 "mode {mode:?} is not implemented yet; use --mode cold"
@@ -313,7 +352,8 @@ impl Agent for Node {
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let node = self.clone();
         let mid = uuid::Uuid::new_v4().to_string();
-        let span = info_span!("migration", id = %mid, container = %r.container_id, to = %r.destination);
+        let span =
+            info_span!("migration", id = %mid, container = %r.container_id, to = %r.destination);
         tokio::spawn(
             async move {
                 let res = crate::migrate::run(&node, &mid, &r, tx.clone()).await;
@@ -333,10 +373,15 @@ impl Agent for Node {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn prepare(&self, req: Request<PrepareRequest>) -> Result<Response<PrepareReply>, Status> {
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareReply>, Status> {
         let r = req.into_inner();
         xfer_proto::check_version(r.version).map_err(|e| AgentError::Decode(e).to_status())?;
         xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
@@ -361,7 +406,9 @@ impl Agent for Node {
             digests.push(m.digest.clone());
         }
         digests.extend(r.blobs.iter().map(|b| b.digest.clone()));
-        let have = images::has_blobs(&self.rt, &digests).await.map_err(dst_err)?;
+        let have = images::has_blobs(&self.rt, &digests)
+            .await
+            .map_err(dst_err)?;
         let missing: Vec<String> = digests
             .into_iter()
             .zip(have)
@@ -369,7 +416,13 @@ impl Agent for Node {
             .map(|(d, _)| d)
             .collect();
         let dir = self.cfg.work_dir.join("in").join(&r.migration_id);
-        std::fs::create_dir_all(&dir).map_err(|source| AgentError::WriteFile { path: dir.clone(), source }.to_status())?;
+        std::fs::create_dir_all(&dir).map_err(|source| {
+            AgentError::WriteFile {
+                path: dir.clone(),
+                source,
+            }
+            .to_status()
+        })?;
         let lease = images::lease(&self.rt).await.map_err(dst_err)?;
         self.inbound.lock().await.insert(
             r.migration_id.clone(),
@@ -393,7 +446,10 @@ impl Agent for Node {
         Ok(Response::new(PrepareReply { missing }))
     }
 
-    async fn put_files(&self, req: Request<Streaming<FileChunk>>) -> Result<Response<PutFilesReply>, Status> {
+    async fn put_files(
+        &self,
+        req: Request<Streaming<FileChunk>>,
+    ) -> Result<Response<PutFilesReply>, Status> {
         let mut stream = req.into_inner();
         let Some(first) = stream.next().await else {
             return Err(refuse("empty file stream"));
@@ -402,11 +458,16 @@ impl Agent for Node {
         let mid = first.migration_id.clone();
         let (dir, inject, lease) = {
             let map = self.inbound.lock().await;
-            let inb = map.get(&mid).ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
+            let inb = map
+                .get(&mid)
+                .ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
             (
                 inb.dir.clone(),
                 inb.inject_failure.clone(),
-                inb.lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default(),
+                inb.lease
+                    .as_ref()
+                    .map(|l| l.id().to_string())
+                    .unwrap_or_default(),
             )
         };
         let mut rx = Receiver::new(dir);
@@ -414,7 +475,10 @@ impl Agent for Node {
         while let Some(c) = stream.next().await {
             let c = c?;
             if c.migration_id != mid {
-                return Err(AgentError::BadChunk("chunks of two migrations in one stream".into()).to_status());
+                return Err(
+                    AgentError::BadChunk("chunks of two migrations in one stream".into())
+                        .to_status(),
+                );
             }
             rx.accept(c).map_err(|e| e.to_status())?;
         }
@@ -454,10 +518,16 @@ impl Agent for Node {
             // The image is complete: unpack it now, before the source freezes.
             self.unpack_inbound(&mid).await?;
         }
-        Ok(Response::new(PutFilesReply { files: n, bytes: wire }))
+        Ok(Response::new(PutFilesReply {
+            files: n,
+            bytes: wire,
+        }))
     }
 
-    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<RestoreReply>, Status> {
+    async fn restore(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> Result<Response<RestoreReply>, Status> {
         let r = req.into_inner();
         let span = info_span!("restore", migration = %r.migration_id, container = %r.container_id);
         let mut phases = Vec::new();
@@ -477,7 +547,8 @@ impl Agent for Node {
 
     async fn abort(&self, req: Request<AbortRequest>) -> Result<Response<AbortReply>, Status> {
         let r = req.into_inner();
-        let step = xfer_proto::require_step(r.step).map_err(|e| AgentError::Decode(e).to_status())?;
+        let step =
+            xfer_proto::require_step(r.step).map_err(|e| AgentError::Decode(e).to_status())?;
         warn!(migration = %r.migration_id, ?step, reason = %r.reason, "migration aborted by the source");
         let container = self
             .inbound

@@ -80,7 +80,11 @@ pub fn produce(
                 raw_len: n as u64,
                 last,
                 total_size: if last { offset + n as u64 } else { 0 },
-                blake3: if last { hasher.finish().0.to_vec() } else { Vec::new() },
+                blake3: if last {
+                    hasher.finish().0.to_vec()
+                } else {
+                    Vec::new()
+                },
                 mode,
             };
             offset += n as u64;
@@ -141,7 +145,9 @@ pub fn place(dir: &Path, kind: FileKind, name: &str) -> Result<PathBuf, AgentErr
         || name == "."
         || name == "..";
     if bad {
-        return Err(AgentError::BadChunk(format!("file name {name:?} is not a plain file name")));
+        return Err(AgentError::BadChunk(format!(
+            "file name {name:?} is not a plain file name"
+        )));
     }
     Ok(match kind {
         FileKind::CriuImage => dir.join("criu").join(name),
@@ -221,10 +227,12 @@ impl Receiver {
         let raw_len = usize::try_from(c.raw_len)
             .map_err(|_| AgentError::BadChunk(format!("chunk length {} too large", c.raw_len)))?;
         let data = frame::decode(&c.zstd_data, raw_len).map_err(AgentError::Frame)?;
-        cur.file.write_all(&data).map_err(|source| AgentError::WriteFile {
-            path: cur.path.clone(),
-            source,
-        })?;
+        cur.file
+            .write_all(&data)
+            .map_err(|source| AgentError::WriteFile {
+                path: cur.path.clone(),
+                source,
+            })?;
         cur.hasher.update(&data);
         cur.written += data.len() as u64;
         if c.last {
@@ -239,10 +247,12 @@ impl Receiver {
                     ),
                 });
             }
-            cur.file.sync_all().map_err(|source| AgentError::WriteFile {
-                path: cur.path.clone(),
-                source,
-            })?;
+            cur.file
+                .sync_all()
+                .map_err(|source| AgentError::WriteFile {
+                    path: cur.path.clone(),
+                    source,
+                })?;
             let Some(cur) = self.current.take() else {
                 return Err(AgentError::BadChunk("no file open".into()));
             };
@@ -325,7 +335,10 @@ mod tests {
         c.zstd_data = frame::encode(&raw).expect("encode");
         let dst = tempfile::tempdir().expect("tmp");
         let mut r = Receiver::new(dst.path().to_path_buf());
-        let err = chunks.into_iter().try_for_each(|c| r.accept(c)).expect_err("must fail");
+        let err = chunks
+            .into_iter()
+            .try_for_each(|c| r.accept(c))
+            .expect_err("must fail");
         assert!(matches!(err, AgentError::Verify { .. }), "{err}");
     }
 

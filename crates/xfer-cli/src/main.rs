@@ -9,7 +9,11 @@ use xfer_agent::client::{Client, Mode};
 use xfer_lab::{Lab, LabSpec};
 
 #[derive(Debug, Parser)]
-#[command(name = "xfer", version, about = "Live-migrate containerd containers between edge hosts")]
+#[command(
+    name = "xfer",
+    version,
+    about = "Live-migrate containerd containers between edge hosts"
+)]
 struct Cli {
     /// Lab whose hosts names like `h1` refer to.
     #[arg(long, global = true, env = "XFER_LAB", default_value = "xl")]
@@ -124,8 +128,9 @@ enum ImageCmd {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XFER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,netlink_packet_route=error")),
+            tracing_subscriber::EnvFilter::try_from_env("XFER_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,netlink_packet_route=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -147,7 +152,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let prefix = cli.prefix.clone();
     match cli.cmd {
         Cmd::Lab { cmd } => lab(&prefix, cmd).await,
-        Cmd::Image { cmd: ImageCmd::Import { host, kind } } => {
+        Cmd::Image {
+            cmd: ImageCmd::Import { host, kind },
+        } => {
             let lab = Lab::load(&prefix)?;
             let h = lab.host(&host)?;
             let t = std::time::Instant::now();
@@ -160,7 +167,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { host, image, name, env, args } => {
+        Cmd::Run {
+            host,
+            image,
+            name,
+            env,
+            args,
+        } => {
             let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
             let pid = c.run(&name, &image, &args, &env).await?;
             println!("started {name} on {host} (pid {pid})");
@@ -170,7 +183,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
             println!("{:<24} {:<12} {:<10} PID", "CONTAINER", "IMAGE", "STATUS");
             for ci in c.list().await? {
-                println!("{:<24} {:<12} {:<10} {}", ci.id, ci.image, ci.status, ci.pid);
+                println!(
+                    "{:<24} {:<12} {:<10} {}",
+                    ci.id, ci.image, ci.status, ci.pid
+                );
             }
             Ok(())
         }
@@ -180,17 +196,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("removed {name} from {host}");
             Ok(())
         }
-        Cmd::Migrate { container, from, to, mode, json, inject_failure } => {
+        Cmd::Migrate {
+            container,
+            from,
+            to,
+            mode,
+            json,
+            inject_failure,
+        } => {
             let src = endpoint(&prefix, &from)?;
             let dst = endpoint(&prefix, &to)?;
-            let mut c = Client::connect(&src).await.with_context(|| format!("source {from}"))?;
+            let mut c = Client::connect(&src)
+                .await
+                .with_context(|| format!("source {from}"))?;
             if !json {
                 println!("migrating {container}: {from} -> {to} ({mode:?})");
             }
             let report = c
                 .migrate_with(&container, &dst, mode, &inject_failure, |p| {
                     if !json {
-                        println!("  {:<16} {:>9.1} ms {:>12} bytes", p.name, p.micros as f64 / 1000.0, p.bytes);
+                        println!(
+                            "  {:<16} {:>9.1} ms {:>12} bytes",
+                            p.name,
+                            p.micros as f64 / 1000.0,
+                            p.bytes
+                        );
                     }
                 })
                 .await
@@ -234,7 +264,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { nodes, rates, xferd } => {
+        LabCmd::Up {
+            nodes,
+            rates,
+            xferd,
+        } => {
             let xferd = match xferd {
                 Some(p) => p,
                 None => std::env::current_exe()?
@@ -242,10 +276,23 @@ async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
                     .context("locate this binary's directory")?
                     .join("xferd"),
             };
-            let rates = rates.iter().map(|r| xfer_lab::parse_rate(r)).collect::<Result<Vec<_>, _>>()?;
+            let rates = rates
+                .iter()
+                .map(|r| xfer_lab::parse_rate(r))
+                .collect::<Result<Vec<_>, _>>()?;
             let t = std::time::Instant::now();
-            let lab = xfer_lab::up(&LabSpec { prefix: prefix.to_string(), nodes, rates, xferd }).await?;
-            println!("lab {} up in {:.1} s", lab.prefix, t.elapsed().as_secs_f64());
+            let lab = xfer_lab::up(&LabSpec {
+                prefix: prefix.to_string(),
+                nodes,
+                rates,
+                xferd,
+            })
+            .await?;
+            println!(
+                "lab {} up in {:.1} s",
+                lab.prefix,
+                t.elapsed().as_secs_f64()
+            );
             print_status(&lab);
             Ok(())
         }
@@ -281,10 +328,22 @@ async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
 }
 
 fn print_status(lab: &Lab) {
-    println!("lab {} subnet {}/24 bridge {} gateway {}", lab.prefix, lab.subnet, lab.bridge, lab.gateway);
-    println!("  {:<8} {:<15} {:<26} {:<18} {:<14} RATE", "HOST", "ADDRESS", "AGENT", "CONTAINERD", "XFERD");
+    println!(
+        "lab {} subnet {}/24 bridge {} gateway {}",
+        lab.prefix, lab.subnet, lab.bridge, lab.gateway
+    );
+    println!(
+        "  {:<8} {:<15} {:<26} {:<18} {:<14} RATE",
+        "HOST", "ADDRESS", "AGENT", "CONTAINERD", "XFERD"
+    );
     for h in &lab.hosts {
-        let st = |pid: u32| if Lab::alive(pid) { format!("pid {pid}") } else { format!("DEAD ({pid})") };
+        let st = |pid: u32| {
+            if Lab::alive(pid) {
+                format!("pid {pid}")
+            } else {
+                format!("DEAD ({pid})")
+            }
+        };
         println!(
             "  {:<8} {:<15} {:<26} {:<18} {:<14} {}",
             h.name,
@@ -292,7 +351,9 @@ fn print_status(lab: &Lab) {
             h.endpoint,
             st(h.containerd_pid),
             st(h.xferd_pid),
-            h.rate_bits.map(|r| format!("{} Mbit/s", r / 1_000_000)).unwrap_or_else(|| "-".into())
+            h.rate_bits
+                .map(|r| format!("{} Mbit/s", r / 1_000_000))
+                .unwrap_or_else(|| "-".into())
         );
     }
     println!("  {:<8} {:<15}", "client", lab.client.address.to_string());

@@ -129,7 +129,8 @@ pub struct LabSpec {
 /// Checks a lab prefix: short enough that `P-client` fits an interface name.
 pub fn validate_prefix(p: &str) -> Result<(), LabError> {
     let ok = (1..=6).contains(&p.len())
-        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && p.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && p.chars().next().is_some_and(|c| c.is_ascii_lowercase());
     if ok {
         Ok(())
@@ -199,7 +200,8 @@ impl Lab {
     pub fn load(prefix: &str) -> Result<Lab, LabError> {
         validate_prefix(prefix)?;
         let p = state_file(prefix);
-        let text = std::fs::read_to_string(&p).map_err(|_| LabError::Load(prefix.to_string(), p.clone()))?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|_| LabError::Load(prefix.to_string(), p.clone()))?;
         serde_json::from_str(&text).map_err(|e| LabError::Io {
             op: "parse lab state",
             path: p,
@@ -209,11 +211,19 @@ impl Lab {
 
     /// A host by name.
     pub fn host(&self, name: &str) -> Result<&LabHost, LabError> {
-        self.hosts.iter().find(|h| h.name == name).ok_or_else(|| LabError::FindHost {
-            prefix: self.prefix.clone(),
-            host: name.to_string(),
-            hosts: self.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
-        })
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| LabError::FindHost {
+                prefix: self.prefix.clone(),
+                host: name.to_string(),
+                hosts: self
+                    .hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// Whether a pid is alive.
@@ -243,7 +253,13 @@ impl Lab {
     }
 }
 
-async fn wait_for_port(addr: Ipv4Addr, port: u16, pid: u32, log: &Path, what: &str) -> Result<(), LabError> {
+async fn wait_for_port(
+    addr: Ipv4Addr,
+    port: u16,
+    pid: u32,
+    log: &Path,
+    what: &str,
+) -> Result<(), LabError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if tokio::net::TcpStream::connect((addr, port)).await.is_ok() {
@@ -281,8 +297,12 @@ fn spawn_daemon(netns: &str, mut cmd: Command, log: &Path, what: &str) -> Result
     cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
     // Own process group: a Ctrl-C at the terminal that ran `lab up` does not reach it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    let mut child = xfer_net::spawn_in_netns(netns, cmd).map_err(net_err(format!("start {what}")))?;
+    cmd.env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    let mut child =
+        xfer_net::spawn_in_netns(netns, cmd).map_err(net_err(format!("start {what}")))?;
     let pid = child.id();
     // Reap it when it exits, so a long-lived process that ran `up` (a test, an
     // embedding program) does not keep zombies; a CLI that exits hands it to init.
@@ -307,7 +327,10 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
     if !spec.xferd.exists() {
         return Err(LabError::Start {
             what: "lab".into(),
-            detail: format!("no xferd binary at {}: build it with `cargo build --bins`", spec.xferd.display()),
+            detail: format!(
+                "no xferd binary at {}: build it with `cargo build --bins`",
+                spec.xferd.display()
+            ),
         });
     }
     let p = &spec.prefix;
@@ -322,9 +345,15 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
     let gateway = host_addr(subnet, 254);
     let bridge = format!("{p}-br");
     let net = Netlink::new().map_err(net_err("open rtnetlink"))?;
-    net.create_bridge(Ns::Root, &bridge).await.map_err(net_err(bridge.clone()))?;
-    net.add_address(Ns::Root, &bridge, cidr(gateway)).await.map_err(net_err(bridge.clone()))?;
-    net.set_link_up(Ns::Root, &bridge).await.map_err(net_err(bridge.clone()))?;
+    net.create_bridge(Ns::Root, &bridge)
+        .await
+        .map_err(net_err(bridge.clone()))?;
+    net.add_address(Ns::Root, &bridge, cidr(gateway))
+        .await
+        .map_err(net_err(bridge.clone()))?;
+    net.set_link_up(Ns::Root, &bridge)
+        .await
+        .map_err(net_err(bridge.clone()))?;
 
     let attach = |ns: String, addr: Ipv4Addr| {
         let net = &net;
@@ -332,13 +361,25 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         async move {
             let outer = ns.clone();
             net.create_netns(&ns).await.map_err(net_err(ns.clone()))?;
-            net.create_veth(Ns::Root, &outer, "eth0", Ns::Named(&ns)).await.map_err(net_err(outer.clone()))?;
-            net.set_master(Ns::Root, &outer, &bridge).await.map_err(net_err(outer.clone()))?;
-            net.set_link_up(Ns::Root, &outer).await.map_err(net_err(outer.clone()))?;
+            net.create_veth(Ns::Root, &outer, "eth0", Ns::Named(&ns))
+                .await
+                .map_err(net_err(outer.clone()))?;
+            net.set_master(Ns::Root, &outer, &bridge)
+                .await
+                .map_err(net_err(outer.clone()))?;
+            net.set_link_up(Ns::Root, &outer)
+                .await
+                .map_err(net_err(outer.clone()))?;
             net.loopback_up(&ns).await.map_err(net_err(ns.clone()))?;
-            net.set_link_up(Ns::Named(&ns), "eth0").await.map_err(net_err(ns.clone()))?;
-            net.add_address(Ns::Named(&ns), "eth0", cidr(addr)).await.map_err(net_err(ns.clone()))?;
-            net.add_default_route(Ns::Named(&ns), gateway).await.map_err(net_err(ns.clone()))?;
+            net.set_link_up(Ns::Named(&ns), "eth0")
+                .await
+                .map_err(net_err(ns.clone()))?;
+            net.add_address(Ns::Named(&ns), "eth0", cidr(addr))
+                .await
+                .map_err(net_err(ns.clone()))?;
+            net.add_default_route(Ns::Named(&ns), gateway)
+                .await
+                .map_err(net_err(ns.clone()))?;
             Ok::<_, LabError>(())
         }
     };
@@ -357,8 +398,12 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         attach(netns.clone(), address).await?;
         let rate = spec.rates.iter().find(|(h, _)| *h == name).map(|(_, r)| *r);
         if let Some(r) = rate {
-            net.shape(Ns::Root, &netns, r).await.map_err(net_err(format!("shape {netns}")))?;
-            net.shape(Ns::Named(&netns), "eth0", r).await.map_err(net_err(format!("shape {netns}/eth0")))?;
+            net.shape(Ns::Root, &netns, r)
+                .await
+                .map_err(net_err(format!("shape {netns}")))?;
+            net.shape(Ns::Named(&netns), "eth0", r)
+                .await
+                .map_err(net_err(format!("shape {netns}/eth0")))?;
         }
         let hdir = dir.join(&name);
         let logs = hdir.join("logs");
@@ -385,7 +430,12 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         })?;
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(dcfg.config_file());
-        let containerd_pid = spawn_daemon(&netns, cmd, &dcfg.log_file, &format!("containerd of {name}"))?;
+        let containerd_pid = spawn_daemon(
+            &netns,
+            cmd,
+            &dcfg.log_file,
+            &format!("containerd of {name}"),
+        )?;
         wait_containerd(&dcfg.socket, containerd_pid, &dcfg.log_file, &name).await?;
         // xferd
         let containerd_namespace = format!("xfer-{p}-{name}");
@@ -404,7 +454,14 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             .arg("--log-dir")
             .arg(&logs);
         let xferd_pid = spawn_daemon(&netns, cmd, &xlog, &format!("xferd of {name}"))?;
-        wait_for_port(address, AGENT_PORT, xferd_pid, &xlog, &format!("xferd of {name}")).await?;
+        wait_for_port(
+            address,
+            AGENT_PORT,
+            xferd_pid,
+            &xlog,
+            &format!("xferd of {name}"),
+        )
+        .await?;
         info!(host = %name, %address, "lab host up");
         hosts.push(LabHost {
             name,
@@ -453,7 +510,12 @@ async fn wait_containerd(socket: &Path, pid: u32, log: &Path, host: &str) -> Res
         if !Lab::alive(pid) || Instant::now() > deadline {
             return Err(LabError::Start {
                 what: format!("containerd of {host}"),
-                detail: format!("not answering on {}; log {}: {}", socket.display(), log.display(), xfer_runtime::daemon::log_tail(log, 10)),
+                detail: format!(
+                    "not answering on {}; log {}: {}",
+                    socket.display(),
+                    log.display(),
+                    xfer_runtime::daemon::log_tail(log, 10)
+                ),
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -471,7 +533,10 @@ pub struct DownReport {
 }
 
 fn kill_all(pids: &[u32]) {
-    for sig in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGKILL] {
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
         for &p in pids {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), sig);
         }
@@ -484,7 +549,11 @@ fn kill_all(pids: &[u32]) {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
@@ -545,7 +614,11 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
         net.delete_netns(ns).await.map_err(net_err(ns.clone()))?;
         rep.namespaces.push(ns.clone());
     }
-    for link in net.list_links(Ns::Root).await.map_err(net_err("list links"))? {
+    for link in net
+        .list_links(Ns::Root)
+        .await
+        .map_err(net_err("list links"))?
+    {
         if link.starts_with(&ns_prefix) {
             match net.delete_link(Ns::Root, &link).await {
                 Ok(()) => rep.links.push(link),
@@ -571,7 +644,9 @@ fn remove_cgroups(prefix: &str) {
         if fs != "cgroup" && fs != "cgroup2" {
             continue;
         }
-        let Ok(rd) = std::fs::read_dir(mp) else { continue };
+        let Ok(rd) = std::fs::read_dir(mp) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(prefix) {
                 rmdir_tree(&e.path());
@@ -589,6 +664,66 @@ fn rmdir_tree(p: &Path) {
         }
     }
     let _ = std::fs::remove_dir(p);
+}
+
+/// The images the lab knows how to build from this machine's binaries.
+pub const IMAGE_KINDS: &[&str] = &["busybox", "redis"];
+
+/// Builds a lab image: `busybox` (busybox-static) or `redis` (the host's redis-server
+/// and redis-cli with their shared libraries, plus busybox for a shell).
+pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabError> {
+    use xfer_runtime::image::ImageBuilder;
+    let what = |source| LabError::Runtime {
+        what: format!("build image {kind}"),
+        source,
+    };
+    let mut b = match kind {
+        "busybox" => ImageBuilder::busybox("/bin/busybox").map_err(what)?,
+        "redis" => {
+            let mut b =
+                ImageBuilder::host_binaries(&["/usr/bin/redis-server", "/usr/bin/redis-cli"])
+                    .map_err(what)?;
+            b.add_busybox("/bin/busybox").map_err(what)?;
+            b
+        }
+        other => {
+            return Err(LabError::Start {
+                what: "image".into(),
+                detail: format!(
+                    "unknown image kind {other:?}: use one of {}",
+                    IMAGE_KINDS.join(", ")
+                ),
+            })
+        }
+    };
+    b.created_by("xfer-lab");
+    b.build().map_err(what)
+}
+
+/// Builds image `kind` and imports it, named `kind`, into a host's containerd.
+pub async fn import_image(
+    host: &LabHost,
+    kind: &str,
+) -> Result<xfer_runtime::image::ImportedImage, LabError> {
+    let built = build_image(kind)?;
+    let client = xfer_runtime::daemon::connect(&host.containerd_socket)
+        .await
+        .map_err(|source| LabError::Runtime {
+            what: format!("connect to containerd of {}", host.name),
+            source,
+        })?;
+    xfer_runtime::image::import(
+        &client,
+        &host.containerd_namespace,
+        kind,
+        &built,
+        "overlayfs",
+    )
+    .await
+    .map_err(|source| LabError::Runtime {
+        what: format!("import {kind} into {}", host.name),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -617,57 +752,17 @@ mod tests {
 
     #[test]
     fn rates_parse() {
-        assert_eq!(parse_rate("h2=100mbit").ok(), Some(("h2".into(), 100_000_000)));
-        assert_eq!(parse_rate("h1=1gbit").ok(), Some(("h1".into(), 1_000_000_000)));
+        assert_eq!(
+            parse_rate("h2=100mbit").ok(),
+            Some(("h2".into(), 100_000_000))
+        );
+        assert_eq!(
+            parse_rate("h1=1gbit").ok(),
+            Some(("h1".into(), 1_000_000_000))
+        );
         assert_eq!(parse_rate("h1=5000").ok(), Some(("h1".into(), 5000)));
         assert!(parse_rate("h1").is_err());
         assert!(parse_rate("h1=fast").is_err());
         assert!(parse_rate("h1=0mbit").is_err());
     }
-}
-
-/// The images the lab knows how to build from this machine's binaries.
-pub const IMAGE_KINDS: &[&str] = &["busybox", "redis"];
-
-/// Builds a lab image: `busybox` (busybox-static) or `redis` (the host's redis-server
-/// and redis-cli with their shared libraries, plus busybox for a shell).
-pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabError> {
-    use xfer_runtime::image::ImageBuilder;
-    let what = |source| LabError::Runtime {
-        what: format!("build image {kind}"),
-        source,
-    };
-    let mut b = match kind {
-        "busybox" => ImageBuilder::busybox("/bin/busybox").map_err(what)?,
-        "redis" => {
-            let mut b = ImageBuilder::host_binaries(&["/usr/bin/redis-server", "/usr/bin/redis-cli"]).map_err(what)?;
-            b.add_busybox("/bin/busybox").map_err(what)?;
-            b
-        }
-        other => {
-            return Err(LabError::Start {
-                what: "image".into(),
-                detail: format!("unknown image kind {other:?}: use one of {}", IMAGE_KINDS.join(", ")),
-            })
-        }
-    };
-    b.created_by("xfer-lab");
-    b.build().map_err(what)
-}
-
-/// Builds image `kind` and imports it, named `kind`, into a host's containerd.
-pub async fn import_image(host: &LabHost, kind: &str) -> Result<xfer_runtime::image::ImportedImage, LabError> {
-    let built = build_image(kind)?;
-    let client = xfer_runtime::daemon::connect(&host.containerd_socket)
-        .await
-        .map_err(|source| LabError::Runtime {
-            what: format!("connect to containerd of {}", host.name),
-            source,
-        })?;
-    xfer_runtime::image::import(&client, &host.containerd_namespace, kind, &built, "overlayfs")
-        .await
-        .map_err(|source| LabError::Runtime {
-            what: format!("import {kind} into {}", host.name),
-            source,
-        })
 }

@@ -28,7 +28,9 @@ pub const PROTOCOL_VERSION: v1::ProtocolVersion = v1::ProtocolVersion::V1;
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
     /// The peer speaks a protocol version this build does not.
-    #[error("protocol version {got} is not supported (this node speaks {want}); upgrade the older node")]
+    #[error(
+        "protocol version {got} is not supported (this node speaks {want}); upgrade the older node"
+    )]
     CheckVersion { got: i32, want: i32 },
     /// An enum field held 0 (UNSPECIFIED) or a value this build does not know.
     #[error("field {field}: value {value} is unspecified or unknown")]
@@ -105,7 +107,10 @@ mod tests {
     #[test]
     fn runc_option_names_match_containerd() {
         // containerd matches Any payloads by full name.
-        assert_eq!(runc::CheckpointOptions::full_name(), "containerd.runc.v1.CheckpointOptions");
+        assert_eq!(
+            runc::CheckpointOptions::full_name(),
+            "containerd.runc.v1.CheckpointOptions"
+        );
         assert_eq!(runc::Options::full_name(), "containerd.runc.v1.Options");
     }
 

@@ -54,7 +54,10 @@ async fn run() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let log_dir = args.log_dir.clone().unwrap_or_else(|| args.work_dir.join("logs"));
+    let log_dir = args
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| args.work_dir.join("logs"));
     let cfg = NodeConfig {
         name: args.node.clone(),
         host: HostConfig {
@@ -66,9 +69,13 @@ async fn run() -> anyhow::Result<()> {
         },
         work_dir: args.work_dir.clone(),
     };
-    let node = Node::new(cfg)
-        .await
-        .with_context(|| format!("start node {} on containerd {}", args.node, args.containerd.display()))?;
+    let node = Node::new(cfg).await.with_context(|| {
+        format!(
+            "start node {} on containerd {}",
+            args.node,
+            args.containerd.display()
+        )
+    })?;
     tracing::info!(node = %args.node, listen = %args.listen, "xferd serving");
     xfer_agent::serve(node, args.listen, shutdown())
         .await
