@@ -171,9 +171,7 @@ pub async fn run(
     let result = run_after_prepare(
         node,
         mid,
-        req,
         &record,
-        &image,
         &missing,
         &mut peer,
         &tx,
@@ -216,13 +214,37 @@ fn all_blobs(image: &images::ImageBlobs) -> usize {
     image.blobs.len() + 1
 }
 
+/// What the source needs from a destination during the cut-over. The gRPC client is the
+/// real one; tests use a fake that fails at a chosen step.
+#[allow(async_fn_in_trait)]
+pub trait Destination {
+    /// Streams files to the destination.
+    async fn put_files(&mut self, mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError>;
+    /// Asks the destination to restore; returns its reply (pid, phases).
+    async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError>;
+}
+
+impl Destination for AgentClient<Channel> {
+    async fn put_files(&mut self, mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError> {
+        send_files(self, mid, files).await
+    }
+
+    async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError> {
+        AgentClient::restore(self, req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| AgentError::Peer {
+                step: Step::Restore,
+                status,
+            })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_after_prepare(
     node: &Node,
     mid: &str,
-    req: &MigrateRequest,
     record: &xfer_runtime::containerd::ContainerRecord,
-    _image: &images::ImageBlobs,
     missing: &[String],
     peer: &mut AgentClient<Channel>,
     tx: &Events,
@@ -230,7 +252,6 @@ async fn run_after_prepare(
     out_dir: &std::path::Path,
 ) -> Result<(u64, u64, u32), (Step, AgentError)> {
     let rt = &node.rt;
-    let id = record.id.as_str();
     let mut bytes_sent = 0u64;
 
     // Image blobs the destination lacks, while the container still runs.
@@ -274,18 +295,28 @@ async fn run_after_prepare(
     } else {
         emit(tx, &phase("image", t, 0), phases).await;
     }
+    let (downtime, wire, pid) = cutover(rt, peer, mid, record, out_dir, tx, phases).await?;
+    Ok((downtime, bytes_sent + wire, pid))
+}
 
+/// The cut-over: freeze, dump, writable-layer diff, transfer, restore at the
+/// destination, then remove the source copy. On any failure after the freeze the
+/// source task is thawed; the caller sends `Abort`. Returns (downtime in us, bytes
+/// on the wire, restored pid).
+pub async fn cutover<R: Runtime, D: Destination>(
+    rt: &R,
+    dst: &mut D,
+    mid: &str,
+    record: &xfer_runtime::containerd::ContainerRecord,
+    out_dir: &std::path::Path,
+    tx: &Events,
+    phases: &mut Vec<PhaseTiming>,
+) -> Result<(u64, u64, u32), (Step, AgentError)> {
+    let id = record.id.as_str();
+    let rt_step = |step: Step| move |source| (step, AgentError::Runtime { step, source });
     // Freeze: downtime starts.
     let frozen_at = Instant::now();
-    rt.pause(id).await.map_err(|source| {
-        (
-            Step::Freeze,
-            AgentError::Runtime {
-                step: Step::Freeze,
-                source,
-            },
-        )
-    })?;
+    rt.pause(id).await.map_err(rt_step(Step::Freeze))?;
     emit(tx, &phase("freeze", frozen_at, 0), phases).await;
 
     let after_freeze = async {
@@ -294,26 +325,10 @@ async fn run_after_prepare(
         let work_dir = out_dir.join("work");
         rt.checkpoint(id, &criu_dir, &work_dir)
             .await
-            .map_err(|source| {
-                (
-                    Step::Checkpoint,
-                    AgentError::Runtime {
-                        step: Step::Checkpoint,
-                        source,
-                    },
-                )
-            })?;
+            .map_err(rt_step(Step::Checkpoint))?;
         // Invariant: the task stays frozen from the freeze to the end; if the dump had
         // thawed it, the source would diverge from the copy being moved.
-        let (st, _) = rt.task_state(id).await.map_err(|source| {
-            (
-                Step::Checkpoint,
-                AgentError::Runtime {
-                    step: Step::Checkpoint,
-                    source,
-                },
-            )
-        })?;
+        let (st, _) = rt.task_state(id).await.map_err(rt_step(Step::Checkpoint))?;
         if st != TaskState::Paused {
             return Err((
                 Step::Checkpoint,
@@ -323,19 +338,13 @@ async fn run_after_prepare(
                 )),
             ));
         }
-        let criu_bytes = dir_size(&criu_dir);
-        emit(tx, &phase("checkpoint", t, criu_bytes), phases).await;
+        emit(tx, &phase("checkpoint", t, dir_size(&criu_dir)), phases).await;
 
         let t = Instant::now();
-        let upper = rt.upper_dir(record).await.map_err(|source| {
-            (
-                Step::RootfsDiff,
-                AgentError::Runtime {
-                    step: Step::RootfsDiff,
-                    source,
-                },
-            )
-        })?;
+        let upper = rt
+            .upper_dir(record)
+            .await
+            .map_err(rt_step(Step::RootfsDiff))?;
         let diff_path = out_dir.join("rootfs.tar");
         let summary = {
             let (u, p) = (upper.clone(), diff_path.clone());
@@ -347,15 +356,7 @@ async fn run_after_prepare(
                         AgentError::Refused(format!("diff task: {e}")),
                     )
                 })?
-                .map_err(|source| {
-                    (
-                        Step::RootfsDiff,
-                        AgentError::Runtime {
-                            step: Step::RootfsDiff,
-                            source,
-                        },
-                    )
-                })?
+                .map_err(rt_step(Step::RootfsDiff))?
         };
         info!(
             changed = summary.changed.len(),
@@ -371,13 +372,14 @@ async fn run_after_prepare(
             name: "rootfs.tar".into(),
             path: diff_path,
         });
-        let sent = send_files(peer, mid, files)
+        let sent = dst
+            .put_files(mid, files)
             .await
             .map_err(|e| (Step::Transfer, e))?;
         emit(tx, &phase("transfer", t, sent.wire_bytes), phases).await;
 
         let t = Instant::now();
-        let reply = peer
+        let reply = dst
             .restore(RestoreRequest {
                 migration_id: mid.to_string(),
                 container_id: id.to_string(),
@@ -388,16 +390,7 @@ async fn run_after_prepare(
                 has_rootfs_diff: true,
             })
             .await
-            .map_err(|status| {
-                (
-                    Step::Restore,
-                    AgentError::Peer {
-                        step: Step::Restore,
-                        status,
-                    },
-                )
-            })?
-            .into_inner();
+            .map_err(|e| (Step::Restore, e))?;
         emit(tx, &phase("restore", t, 0), phases).await;
         for p in &reply.phases {
             emit(tx, p, phases).await;
@@ -409,7 +402,6 @@ async fn run_after_prepare(
     match after_freeze {
         Ok((wire, pid)) => {
             let downtime = frozen_at.elapsed().as_micros() as u64;
-            bytes_sent += wire;
             // The destination runs the container: only now does the source let go.
             let t = Instant::now();
             if let Err(e) = rt.remove(id).await {
@@ -417,8 +409,7 @@ async fn run_after_prepare(
                 warn!(error = %e, "could not remove the source copy");
             }
             emit(tx, &phase("cleanup_source", t, 0), phases).await;
-            let _ = req;
-            Ok((downtime, bytes_sent, pid))
+            Ok((downtime, wire, pid))
         }
         Err((step, e)) => {
             if let Err(re) = rt.resume(id).await {
@@ -464,4 +455,216 @@ fn dir_size(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Mutex;
+    use xfer_runtime::containerd::ContainerRecord;
+    use xfer_runtime::RuntimeError;
+
+    /// A runtime that records calls and can fail at one of them.
+    #[derive(Default)]
+    struct FakeRuntime {
+        calls: Mutex<Vec<String>>,
+        fail: Option<&'static str>,
+        thaw_on_dump: bool,
+        paused: Mutex<bool>,
+        upper: PathBuf,
+    }
+
+    impl FakeRuntime {
+        fn call(&self, name: &str) -> Result<(), RuntimeError> {
+            self.calls.lock().expect("lock").push(name.to_string());
+            if self.fail == Some(name) {
+                Err(RuntimeError::Invalid(format!("injected {name} failure")))
+            } else {
+                Ok(())
+            }
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().expect("lock").clone()
+        }
+    }
+
+    impl Runtime for FakeRuntime {
+        async fn container(&self, _id: &str) -> Result<ContainerRecord, RuntimeError> {
+            unreachable!("the cut-over gets the record from its caller")
+        }
+        async fn task_state(&self, _id: &str) -> Result<(TaskState, u32), RuntimeError> {
+            self.call("state")?;
+            let p = *self.paused.lock().expect("lock");
+            Ok((
+                if p {
+                    TaskState::Paused
+                } else {
+                    TaskState::Running
+                },
+                42,
+            ))
+        }
+        async fn pause(&self, _id: &str) -> Result<(), RuntimeError> {
+            self.call("pause")?;
+            *self.paused.lock().expect("lock") = true;
+            Ok(())
+        }
+        async fn resume(&self, _id: &str) -> Result<(), RuntimeError> {
+            self.call("resume")?;
+            *self.paused.lock().expect("lock") = false;
+            Ok(())
+        }
+        async fn checkpoint(
+            &self,
+            _id: &str,
+            image_dir: &Path,
+            _work: &Path,
+        ) -> Result<(), RuntimeError> {
+            self.call("checkpoint")?;
+            std::fs::create_dir_all(image_dir).expect("mkdir");
+            std::fs::write(image_dir.join("pages-1.img"), vec![7u8; 10_000]).expect("write");
+            if self.thaw_on_dump {
+                *self.paused.lock().expect("lock") = false;
+            }
+            Ok(())
+        }
+        async fn upper_dir(&self, _r: &ContainerRecord) -> Result<PathBuf, RuntimeError> {
+            self.call("upper")?;
+            Ok(self.upper.clone())
+        }
+        async fn remove(&self, _id: &str) -> Result<(), RuntimeError> {
+            self.call("remove")
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeDest {
+        fail: Option<&'static str>,
+        files: Vec<String>,
+        restored: bool,
+    }
+
+    impl Destination for FakeDest {
+        async fn put_files(&mut self, _mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError> {
+            if self.fail == Some("transfer") {
+                return Err(AgentError::Refused("link cut".into()));
+            }
+            self.files.extend(files.iter().map(|f| f.name.clone()));
+            Ok(Sent {
+                files: files.len() as u64,
+                raw_bytes: 1,
+                wire_bytes: 1,
+            })
+        }
+        async fn restore(&mut self, _req: RestoreRequest) -> Result<RestoreReply, AgentError> {
+            if self.fail == Some("restore") {
+                return Err(AgentError::Refused("restore failed".into()));
+            }
+            self.restored = true;
+            Ok(RestoreReply {
+                pid: 7,
+                phases: vec![],
+            })
+        }
+    }
+
+    fn record() -> ContainerRecord {
+        ContainerRecord {
+            id: "c1".into(),
+            image: "busybox".into(),
+            snapshotter: "overlayfs".into(),
+            snapshot_key: "c1".into(),
+            labels: Default::default(),
+            spec_json: b"{}".to_vec(),
+        }
+    }
+
+    async fn run_cutover(
+        rt: &FakeRuntime,
+        dst: &mut FakeDest,
+    ) -> Result<(u64, u64, u32), (Step, AgentError)> {
+        let out = tempfile::tempdir().expect("tmp");
+        let (tx, _rx) = mpsc::channel(64);
+        let mut phases = Vec::new();
+        cutover(rt, dst, "m1", &record(), out.path(), &tx, &mut phases).await
+    }
+
+    fn fake_rt(fail: Option<&'static str>) -> (FakeRuntime, tempfile::TempDir) {
+        let upper = tempfile::tempdir().expect("tmp");
+        std::fs::write(upper.path().join("new-file"), b"x").expect("write");
+        let rt = FakeRuntime {
+            fail,
+            upper: upper.path().to_path_buf(),
+            ..Default::default()
+        };
+        (rt, upper)
+    }
+
+    #[tokio::test]
+    async fn success_removes_the_source_only_after_restore() {
+        let (rt, _u) = fake_rt(None);
+        let mut dst = FakeDest::default();
+        let (_, _, pid) = run_cutover(&rt, &mut dst).await.expect("cutover");
+        assert_eq!(pid, 7);
+        assert!(dst.restored);
+        assert!(dst.files.contains(&"pages-1.img".to_string()));
+        assert!(dst.files.contains(&"rootfs.tar".to_string()));
+        let calls = rt.calls();
+        assert_eq!(calls.first().map(String::as_str), Some("pause"));
+        assert_eq!(calls.last().map(String::as_str), Some("remove"));
+        assert!(!calls.contains(&"resume".to_string()));
+    }
+
+    #[tokio::test]
+    async fn failures_after_the_freeze_resume_the_source_and_never_remove_it() {
+        for (rt_fail, dst_fail, step) in [
+            (Some("checkpoint"), None, Step::Checkpoint),
+            (Some("upper"), None, Step::RootfsDiff),
+            (None, Some("transfer"), Step::Transfer),
+            (None, Some("restore"), Step::Restore),
+        ] {
+            let (rt, _u) = fake_rt(rt_fail);
+            let mut dst = FakeDest {
+                fail: dst_fail,
+                ..Default::default()
+            };
+            let (got, _) = run_cutover(&rt, &mut dst).await.expect_err("must fail");
+            assert_eq!(got, step);
+            let calls = rt.calls();
+            assert_eq!(
+                calls.last().map(String::as_str),
+                Some("resume"),
+                "{step:?}: {calls:?}"
+            );
+            assert!(
+                !calls.contains(&"remove".to_string()),
+                "{step:?}: source removed"
+            );
+            assert!(!dst.restored || dst_fail.is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dump_that_thaws_the_task_aborts() {
+        let (mut rt, _u) = fake_rt(None);
+        rt.thaw_on_dump = true;
+        let mut dst = FakeDest::default();
+        let (step, e) = run_cutover(&rt, &mut dst).await.expect_err("must fail");
+        assert_eq!(step, Step::Checkpoint);
+        assert!(e.to_string().contains("not paused"), "{e}");
+        assert!(
+            dst.files.is_empty(),
+            "nothing may be sent from a diverged source"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_freeze_changes_nothing() {
+        let (rt, _u) = fake_rt(Some("pause"));
+        let mut dst = FakeDest::default();
+        let (step, _) = run_cutover(&rt, &mut dst).await.expect_err("must fail");
+        assert_eq!(step, Step::Freeze);
+        assert_eq!(rt.calls(), vec!["pause".to_string()]);
+    }
 }
