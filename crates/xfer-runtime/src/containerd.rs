@@ -42,9 +42,11 @@ fn status(op: impl Into<String>) -> impl FnOnce(Status) -> RuntimeError {
 
 fn with_ns<T>(msg: T, ns: &str) -> Result<Request<T>, RuntimeError> {
     let mut req = Request::new(msg);
-    let value = ns
-        .parse()
-        .map_err(|_| RuntimeError::Invalid(format!("containerd namespace {ns:?} is not a valid header value")))?;
+    let value = ns.parse().map_err(|_| {
+        RuntimeError::Invalid(format!(
+            "containerd namespace {ns:?} is not a valid header value"
+        ))
+    })?;
     req.metadata_mut().insert("containerd-namespace", value);
     Ok(req)
 }
@@ -56,7 +58,7 @@ pub struct HostConfig {
     /// containerd socket.
     pub socket: PathBuf,
     /// containerd namespace of this host's containers. Must differ between hosts
-    /// sharing one machine: runc keeps state in /run/containerd/runc/<namespace>.
+    /// sharing one machine: runc keeps state in `/run/containerd/runc/<namespace>`.
     pub namespace: String,
     /// Snapshotter (overlayfs).
     pub snapshotter: String,
@@ -138,7 +140,12 @@ pub trait Runtime {
     async fn resume(&self, id: &str) -> Result<(), RuntimeError>;
     /// Dump the task's process tree into `image_dir` with CRIU, leaving it in place
     /// (still frozen if it was paused).
-    async fn checkpoint(&self, id: &str, image_dir: &Path, work_dir: &Path) -> Result<(), RuntimeError>;
+    async fn checkpoint(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        work_dir: &Path,
+    ) -> Result<(), RuntimeError>;
     /// The directory holding the container's writable layer (overlay upperdir).
     async fn upper_dir(&self, record: &ContainerRecord) -> Result<PathBuf, RuntimeError>;
     /// Kill and delete the task, the container and its snapshot.
@@ -232,7 +239,13 @@ impl Containerd {
                 "no command given: pass the program to run and its arguments".into(),
             ));
         }
-        let spec = default_spec(id, args, env, &self.cfg.namespace, self.cfg.netns.as_deref());
+        let spec = default_spec(
+            id,
+            args,
+            env,
+            &self.cfg.namespace,
+            self.cfg.netns.as_deref(),
+        );
         let spec_json = serde_json::to_vec(&spec)
             .map_err(|e| RuntimeError::Invalid(format!("encode spec: {e}")))?;
         let record = ContainerRecord {
@@ -278,9 +291,9 @@ impl Containerd {
             labels: HashMap::new(),
         })?;
         if let Some(l) = lease {
-            let v = l
-                .parse()
-                .map_err(|_| RuntimeError::Invalid(format!("lease id {l:?} is not a valid header value")))?;
+            let v = l.parse().map_err(|_| {
+                RuntimeError::Invalid(format!("lease id {l:?} is not a valid header value"))
+            })?;
             req.metadata_mut().insert("containerd-lease", v);
         }
         let resp = self
@@ -370,7 +383,11 @@ impl Containerd {
             })
         });
         let log = self.log_uri(id);
-        let what = if restore_from.is_some() { "restore" } else { "create" };
+        let what = if restore_from.is_some() {
+            "restore"
+        } else {
+            "create"
+        };
         self.client()
             .tasks()
             .create(self.req(CreateTaskRequest {
@@ -439,7 +456,9 @@ impl Containerd {
     async fn kill_and_wait(&self, id: &str) -> Result<(), RuntimeError> {
         let state = match self.task_state(id).await {
             Ok((s, _)) => s,
-            Err(RuntimeError::Containerd { source, .. }) if source.code() == Code::NotFound => return Ok(()),
+            Err(RuntimeError::Containerd { source, .. }) if source.code() == Code::NotFound => {
+                return Ok(())
+            }
             Err(e) => return Err(e),
         };
         if state == TaskState::Stopped {
@@ -496,10 +515,9 @@ impl Runtime for Containerd {
                     status(format!("get container {id}"))(s)
                 }
             })?;
-        let c = resp
-            .into_inner()
-            .container
-            .ok_or_else(|| RuntimeError::Invalid(format!("containerd returned no record for {id}")))?;
+        let c = resp.into_inner().container.ok_or_else(|| {
+            RuntimeError::Invalid(format!("containerd returned no record for {id}"))
+        })?;
         let spec = c
             .spec
             .ok_or_else(|| RuntimeError::Invalid(format!("container {id} has no spec")))?;
@@ -552,7 +570,12 @@ impl Runtime for Containerd {
         Ok(())
     }
 
-    async fn checkpoint(&self, id: &str, image_dir: &Path, work_dir: &Path) -> Result<(), RuntimeError> {
+    async fn checkpoint(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        work_dir: &Path,
+    ) -> Result<(), RuntimeError> {
         for d in [image_dir, work_dir] {
             std::fs::create_dir_all(d).map_err(|source| RuntimeError::Io {
                 op: "create checkpoint directory",
@@ -622,11 +645,27 @@ impl Runtime for Containerd {
 pub fn criu_log_tail(work_dir: &Path) -> String {
     for name in ["dump.log", "restore.log"] {
         if let Ok(text) = std::fs::read_to_string(work_dir.join(name)) {
-            let lines: Vec<&str> = text.lines().filter(|l| l.contains("Error") || l.contains("err")).collect();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("Error") || l.contains("err"))
+                .collect();
             let pick = if lines.is_empty() {
-                text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect()
+                text.lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect()
             } else {
-                lines.into_iter().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>()
+                lines
+                    .into_iter()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
             };
             return format!("{}: {}", work_dir.join(name).display(), pick.join(" | "));
         }
@@ -673,13 +712,31 @@ fn cgroups_path(namespace: &str, id: &str) -> String {
 /// An OCI runtime spec like containerd's default: own pid/ipc/uts/mount namespaces,
 /// the host's network namespace joined by path (so CRIU treats it as external), the
 /// default capabilities and device rules.
-pub fn default_spec(id: &str, args: &[String], env: &[String], namespace: &str, netns: Option<&Path>) -> Value {
+pub fn default_spec(
+    id: &str,
+    args: &[String],
+    env: &[String],
+    namespace: &str,
+    netns: Option<&Path>,
+) -> Value {
     let caps = json!([
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-        "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE"
     ]);
-    let mut envs: Vec<String> = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
+    let mut envs: Vec<String> =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
     envs.extend(env.iter().cloned());
     let mut namespaces = vec![
         json!({"type": "pid"}),
@@ -738,13 +795,17 @@ pub fn rewrite_spec_for_host(
     namespace: &str,
     netns: Option<&Path>,
 ) -> Result<Vec<u8>, RuntimeError> {
-    let mut spec: Value = serde_json::from_slice(spec_json)
-        .map_err(|e| RuntimeError::Invalid(format!("the container's spec is not valid JSON: {e}")))?;
+    let mut spec: Value = serde_json::from_slice(spec_json).map_err(|e| {
+        RuntimeError::Invalid(format!("the container's spec is not valid JSON: {e}"))
+    })?;
     let linux = spec
         .get_mut("linux")
         .and_then(Value::as_object_mut)
         .ok_or_else(|| RuntimeError::Invalid("the container's spec has no linux section".into()))?;
-    linux.insert("cgroupsPath".into(), Value::String(cgroups_path(namespace, id)));
+    linux.insert(
+        "cgroupsPath".into(),
+        Value::String(cgroups_path(namespace, id)),
+    );
     if let Some(nss) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
         for ns in nss.iter_mut() {
             if ns.get("type").and_then(Value::as_str) == Some("network") {
@@ -797,9 +858,16 @@ mod tests {
 
     #[test]
     fn spec_is_rewritten_for_the_destination() {
-        let spec = default_spec("c1", &["sh".into()], &[], "ns-a", Some(Path::new("/run/netns/a")));
+        let spec = default_spec(
+            "c1",
+            &["sh".into()],
+            &[],
+            "ns-a",
+            Some(Path::new("/run/netns/a")),
+        );
         let bytes = serde_json::to_vec(&spec).expect("encode");
-        let out = rewrite_spec_for_host(&bytes, "c1", "ns-b", Some(Path::new("/run/netns/b"))).expect("rewrite");
+        let out = rewrite_spec_for_host(&bytes, "c1", "ns-b", Some(Path::new("/run/netns/b")))
+            .expect("rewrite");
         let v: Value = serde_json::from_slice(&out).expect("decode");
         assert_eq!(v["linux"]["cgroupsPath"], "/ns-b/c1");
         let net = v["linux"]["namespaces"]

@@ -27,8 +27,11 @@ impl CriuFacts {
 
 /// Parses `criu --version` output ("Version: 4.2.1") into (major, minor, patch).
 pub fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
-    let v = out.lines().find_map(|l| l.trim().strip_prefix("Version:"))?.trim();
-    let mut it = v.split(|c: char| c == '.' || c == '-').map(|p| p.parse::<u32>());
+    let v = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?
+        .trim();
+    let mut it = v.split(['.', '-']).map(|p| p.parse::<u32>());
     let major = it.next()?.ok()?;
     let minor = it.next().and_then(Result::ok).unwrap_or(0);
     let patch = it.next().and_then(Result::ok).unwrap_or(0);

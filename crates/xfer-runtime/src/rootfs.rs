@@ -92,7 +92,8 @@ pub fn capture(upper: &Path, out: &Path) -> Result<DiffSummary, RuntimeError> {
             summary.changed.push(rel_path.clone());
             if meta.is_dir() {
                 if is_opaque(&full) {
-                    append_empty(&mut builder, &rel_path.join(".wh..wh..opq")).map_err(io_err(&full))?;
+                    append_empty(&mut builder, &rel_path.join(".wh..wh..opq"))
+                        .map_err(io_err(&full))?;
                     summary.opaque.push(rel_path.clone());
                 }
                 stack.push(rel_path);
@@ -124,7 +125,13 @@ mod tests {
         let mut a = tar::Archive::new(File::open(tar_path).expect("open"));
         a.entries()
             .expect("entries")
-            .map(|e| e.expect("entry").path().expect("path").display().to_string())
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
             .collect()
     }
 
