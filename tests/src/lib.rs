@@ -67,7 +67,7 @@ impl TestLab {
     /// A client of host `name`'s agent.
     pub async fn agent(&self, name: &str) -> Client {
         let h = self.lab.host(name).expect("host");
-        Client::connect(&h.endpoint)
+        Client::connect(&h.endpoint, Some(&self.lab.operator_tls()))
             .await
             .unwrap_or_else(|e| panic!("connect to {name}: {}", chain(&e)))
     }

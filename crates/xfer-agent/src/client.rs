@@ -63,10 +63,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the agent at `endpoint` (e.g. `http://10.77.0.1:7070`) and checks
-    /// that it speaks this build's protocol version.
-    pub async fn connect(endpoint: &str) -> Result<Self, AgentError> {
-        let (inner, hello) = crate::migrate::connect_peer(endpoint).await?;
+    /// Connects to the agent at `endpoint` (e.g. `https://10.77.0.1:7070`) with mutual
+    /// TLS (`tls`: the cluster CA and the operator's certificate), and checks that it
+    /// speaks this build's protocol version.
+    pub async fn connect(
+        endpoint: &str,
+        tls: Option<&crate::tls::TlsFiles>,
+    ) -> Result<Self, AgentError> {
+        let (inner, hello) = crate::migrate::connect_peer(endpoint, tls).await?;
         Ok(Self { inner, hello })
     }
 

@@ -62,6 +62,13 @@ pub enum AgentError {
     /// A migration driven by a remote agent failed; its message names the step and cause.
     #[error("{}", .status.message())]
     Remote { status: tonic::Status },
+    /// Setting up TLS failed.
+    #[error("TLS: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The request was refused before anything was changed.
     #[error("{0}")]
     Refused(String),

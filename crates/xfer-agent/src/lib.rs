@@ -7,11 +7,14 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), xfer_agent::error::AgentError> {
 //! use xfer_agent::client::{Client, Mode};
+//! use xfer_agent::tls::TlsFiles;
 //!
 //! // The source node's agent drives the migration; the destination is another agent.
-//! let mut src = Client::connect("http://10.77.0.1:7070").await?;
+//! // The cluster CA, the operator's certificate and key (mutual TLS).
+//! let tls = TlsFiles::in_dir(std::path::Path::new("/etc/xfer/tls"), "operator");
+//! let mut src = Client::connect("https://10.77.0.1:7070", Some(&tls)).await?;
 //! let report = src
-//!     .migrate("redis", "http://10.77.0.2:7070", Mode::Cold, |phase| {
+//!     .migrate("redis", "https://10.77.0.2:7070", Mode::Cold, |phase| {
 //!         println!("{} took {} us", phase.name, phase.micros);
 //!     })
 //!     .await?;
@@ -24,6 +27,7 @@ pub mod error;
 pub mod images;
 pub mod migrate;
 pub mod node;
+pub mod tls;
 pub mod transfer;
 
 use std::net::SocketAddr;
@@ -33,13 +37,19 @@ use xfer_proto::v1::agent_server::AgentServer;
 /// Largest gRPC message the agents exchange (a chunk is at most 1 MiB compressed).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
-/// Serves `node` on `addr` until `shutdown` completes.
+/// Serves `node` on `addr` until `shutdown` completes; with `tls`, only peers with a
+/// certificate of the cluster CA get through the handshake.
 pub async fn serve(
     node: node::Node,
     addr: SocketAddr,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t)?;
+    }
+    builder
         .add_service(
             AgentServer::new(node)
                 .max_decoding_message_size(MAX_MESSAGE)

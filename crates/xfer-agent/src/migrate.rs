@@ -23,6 +23,7 @@ use xfer_runtime::containerd::{Runtime, TaskState};
 use crate::error::AgentError;
 use crate::images;
 use crate::node::{phase, Node};
+use crate::tls::TlsFiles;
 use crate::transfer::{produce, OutFile, Sent};
 
 type Events = mpsc::Sender<Result<MigrateEvent, Status>>;
@@ -37,22 +38,29 @@ async fn emit(tx: &Events, p: &PhaseTiming, phases: &mut Vec<PhaseTiming>) {
         .await;
 }
 
-/// Opens a channel to a peer agent and checks its protocol version.
+/// Opens a channel to a peer agent (with mutual TLS when `tls` is given) and checks
+/// its protocol version.
 pub async fn connect_peer(
     endpoint: &str,
+    tls: Option<&TlsFiles>,
 ) -> Result<(AgentClient<Channel>, HelloReply), AgentError> {
-    let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|source| AgentError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|source| AgentError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
+    let conn_err = |source| AgentError::Connect {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(conn_err)?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    match tls {
+        Some(t) => ep = ep.tls_config(t.client_config()?).map_err(conn_err)?,
+        None if endpoint.starts_with("https") => {
+            return Err(AgentError::Refused(format!(
+                "{endpoint} needs TLS: give the cluster CA and a certificate (--tls-dir)"
+            )))
+        }
+        None => {}
+    }
+    let ch = ep.connect().await.map_err(conn_err)?;
     let mut c = AgentClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -120,7 +128,7 @@ pub async fn run(
             node.criu.version
         )));
     }
-    let (mut peer, hello) = connect_peer(&req.destination).await?;
+    let (mut peer, hello) = connect_peer(&req.destination, node.cfg.tls.as_ref()).await?;
     if hello.node == node.cfg.name {
         return Err(AgentError::Refused(format!(
             "the destination {} is this node; pick another host",

@@ -31,6 +31,8 @@ pub struct NodeConfig {
     pub host: HostConfig,
     /// Working directory for checkpoints and received files.
     pub work_dir: PathBuf,
+    /// This node's TLS files, used as a client when it calls other agents.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// A migration this node receives.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use xfer_agent::client::{Client, Mode};
+use xfer_agent::tls::TlsFiles;
 use xfer_lab::{Lab, LabSpec};
 
 #[derive(Debug, Parser)]
@@ -18,6 +19,13 @@ struct Cli {
     /// Lab whose hosts names like `h1` refer to.
     #[arg(long, global = true, env = "XFER_LAB", default_value = "xl")]
     prefix: String,
+    /// Directory with the cluster CA (ca.pem) and the operator's certificate
+    /// (NAME.pem, NAME.key), for agents given by endpoint. Default: the lab's.
+    #[arg(long, global = true, env = "XFER_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Name of the certificate files in --tls-dir.
+    #[arg(long, global = true, default_value = "operator")]
+    tls_name: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -140,16 +148,51 @@ async fn main() {
     }
 }
 
-fn endpoint(prefix: &str, host: &str) -> anyhow::Result<String> {
+/// Where to reach a host (a lab name or an endpoint) and with which certificate.
+struct Target {
+    endpoint: String,
+    tls: Option<TlsFiles>,
+}
+
+fn target(cli: &Globals, host: &str) -> anyhow::Result<Target> {
+    let given = cli
+        .tls_dir
+        .as_ref()
+        .map(|d| TlsFiles::in_dir(d, &cli.tls_name));
     if host.contains("://") {
-        return Ok(host.to_string());
+        return Ok(Target {
+            endpoint: host.to_string(),
+            tls: given,
+        });
     }
-    let lab = Lab::load(prefix)?;
-    Ok(lab.host(host)?.endpoint.clone())
+    let lab = Lab::load(&cli.prefix)?;
+    Ok(Target {
+        endpoint: lab.host(host)?.endpoint.clone(),
+        tls: given.or_else(|| Some(lab.operator_tls())),
+    })
+}
+
+async fn connect(g: &Globals, host: &str) -> anyhow::Result<Client> {
+    let t = target(g, host)?;
+    Client::connect(&t.endpoint, t.tls.as_ref())
+        .await
+        .with_context(|| format!("connect to {host} ({})", t.endpoint))
+}
+
+#[derive(Debug, Clone)]
+struct Globals {
+    prefix: String,
+    tls_dir: Option<PathBuf>,
+    tls_name: String,
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let prefix = cli.prefix.clone();
+    let g = Globals {
+        prefix: cli.prefix.clone(),
+        tls_dir: cli.tls_dir.clone(),
+        tls_name: cli.tls_name.clone(),
+    };
     match cli.cmd {
         Cmd::Lab { cmd } => lab(&prefix, cmd).await,
         Cmd::Image {
@@ -174,13 +217,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             env,
             args,
         } => {
-            let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
+            let mut c = connect(&g, &host).await?;
             let pid = c.run(&name, &image, &args, &env).await?;
             println!("started {name} on {host} (pid {pid})");
             Ok(())
         }
         Cmd::Ps { host } => {
-            let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
+            let mut c = connect(&g, &host).await?;
             println!("{:<24} {:<12} {:<10} PID", "CONTAINER", "IMAGE", "STATUS");
             for ci in c.list().await? {
                 println!(
@@ -191,7 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Rm { host, name } => {
-            let mut c = Client::connect(&endpoint(&prefix, &host)?).await?;
+            let mut c = connect(&g, &host).await?;
             c.remove(&name).await?;
             println!("removed {name} from {host}");
             Ok(())
@@ -204,11 +247,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             inject_failure,
         } => {
-            let src = endpoint(&prefix, &from)?;
-            let dst = endpoint(&prefix, &to)?;
-            let mut c = Client::connect(&src)
-                .await
-                .with_context(|| format!("source {from}"))?;
+            let dst = target(&g, &to)?.endpoint;
+            let mut c = connect(&g, &from).await?;
             if !json {
                 println!("migrating {container}: {from} -> {to} ({mode:?})");
             }

@@ -7,6 +7,8 @@
 //!   under `/var/lib/xfer-lab/P/hN`, containerd namespace `xfer-P-hN` so runc's state
 //!   directories do not collide), and its own `xferd` listening on `.N:7070`;
 //! * a client namespace `P-client` with address `.100`;
+//! * a cluster CA with a certificate per host and one for the operator (mutual TLS
+//!   between agents and from the CLI);
 //! * optional rate limits (tc htb) on both directions of a host's link.
 //!
 //! `down` removes every process, mount, cgroup, runc state directory, namespace, link
@@ -108,6 +110,8 @@ pub struct LabClient {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Lab {
     pub prefix: String,
+    /// Cluster CA and certificates (`ca.pem`, `hN.pem/key`, `operator.pem/key`).
+    pub tls_dir: PathBuf,
     pub subnet: Ipv4Addr,
     pub bridge: String,
     pub gateway: Ipv4Addr,
@@ -229,6 +233,11 @@ impl Lab {
     /// Whether a pid is alive.
     pub fn alive(pid: u32) -> bool {
         pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// The operator's TLS files (for the CLI and tests).
+    pub fn operator_tls(&self) -> xfer_agent::tls::TlsFiles {
+        xfer_agent::tls::TlsFiles::in_dir(&self.tls_dir, "operator")
     }
 
     /// Runs a program in a lab namespace (`client` or a host name) and waits for it.
@@ -384,6 +393,23 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         }
     };
 
+    // The cluster CA and a certificate per host and for the operator.
+    let tls_dir = dir.join("tls");
+    let node_ids: Vec<(String, std::net::IpAddr)> = (1..=spec.nodes)
+        .map(|i| {
+            (
+                format!("h{i}"),
+                std::net::IpAddr::V4(host_addr(subnet, i as u8)),
+            )
+        })
+        .collect();
+    xfer_agent::tls::issue(&tls_dir, &node_ids, &["operator".to_string()]).map_err(|e| {
+        LabError::Start {
+            what: "certificates".into(),
+            detail: e.to_string(),
+        }
+    })?;
+
     let client = LabClient {
         netns: format!("{p}-client"),
         address: host_addr(subnet, 100),
@@ -452,7 +478,9 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             .arg("--work-dir")
             .arg(hdir.join("work"))
             .arg("--log-dir")
-            .arg(&logs);
+            .arg(&logs)
+            .arg("--tls-dir")
+            .arg(&tls_dir);
         let xferd_pid = spawn_daemon(&netns, cmd, &xlog, &format!("xferd of {name}"))?;
         wait_for_port(
             address,
@@ -472,12 +500,13 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             containerd_namespace,
             containerd_pid,
             xferd_pid,
-            endpoint: format!("http://{address}:{AGENT_PORT}"),
+            endpoint: format!("https://{address}:{AGENT_PORT}"),
             rate_bits: rate,
         });
     }
     let lab = Lab {
         prefix: p.clone(),
+        tls_dir,
         subnet,
         bridge,
         gateway,

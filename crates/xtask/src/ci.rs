@@ -31,6 +31,10 @@ fn steps(args: &TestArgs, tl: &mut Timeline) -> Result<()> {
     tl.step("fmt", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
     })?;
+    // The end-to-end tests start the agent binary (xferd) built next to them.
+    tl.step("build binaries", || {
+        run(cargo().args(["build", "--workspace", "--bins"]))
+    })?;
     tl.step("clippy", || {
         run(cargo().args([
             "clippy",

@@ -36,6 +36,16 @@ struct Args {
     /// Directory for container logs.
     #[arg(long)]
     log_dir: Option<PathBuf>,
+    /// Directory with ca.pem and this node's NAME.pem / NAME.key (mutual TLS).
+    #[arg(long, required_unless_present = "insecure")]
+    tls_dir: Option<PathBuf>,
+    /// Name of this node's certificate files in --tls-dir (default: the node name).
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// Serve without TLS: any peer that reaches the port can drive this node.
+    /// For development only.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[tokio::main]
@@ -68,6 +78,13 @@ async fn run() -> anyhow::Result<()> {
             log_dir,
         },
         work_dir: args.work_dir.clone(),
+        tls: args.tls_dir.as_ref().map(|d| {
+            xfer_agent::tls::TlsFiles::in_dir(d, args.tls_name.as_deref().unwrap_or(&args.node))
+        }),
+    };
+    let server_tls = match &cfg.tls {
+        Some(t) if !args.insecure => Some(t.server_config().context("load TLS files")?),
+        _ => None,
     };
     let node = Node::new(cfg).await.with_context(|| {
         format!(
@@ -77,7 +94,7 @@ async fn run() -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(node = %args.node, listen = %args.listen, "xferd serving");
-    xfer_agent::serve(node, args.listen, shutdown())
+    xfer_agent::serve(node, args.listen, server_tls, shutdown())
         .await
         .with_context(|| format!("serve on {}", args.listen))?;
     Ok(())
