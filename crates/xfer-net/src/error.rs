@@ -231,6 +231,125 @@ pub enum NetError {
         source: io::Error,
     },
 
+    /// Adding (or replacing) a route failed.
+    #[error("cannot {} route {route}{ns}{}", if *.replace { "replace" } else { "add" }, hint(.source))]
+    InstallRoute {
+        /// The route, as `ip route` would show it.
+        route: String,
+        /// Whether it was a replace.
+        replace: bool,
+        /// Where the route was to be added.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Deleting a route failed.
+    #[error("cannot delete route {route}{ns}{}", hint(.source))]
+    DeleteRoute {
+        /// The route.
+        route: String,
+        /// Where the route lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Listing routes failed.
+    #[error("cannot list routes{ns}{}", hint(.source))]
+    ListRoutes {
+        /// Where the routes were listed.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Adding a policy rule failed.
+    #[error("cannot add rule {rule}{ns}{}", hint(.source))]
+    AddRule {
+        /// The rule, as `ip rule` would show it.
+        rule: String,
+        /// Where the rule was to be added.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Deleting a policy rule failed.
+    #[error("cannot delete rule {rule}{ns}{}", hint(.source))]
+    DeleteRule {
+        /// The rule.
+        rule: String,
+        /// Where the rule lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Listing policy rules failed.
+    #[error("cannot list rules{ns}{}", hint(.source))]
+    ListRules {
+        /// Where the rules were listed.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Reading a link's counters failed.
+    #[error("cannot read the statistics of link {link}{ns}{}", hint(.source))]
+    LinkStats {
+        /// The link name.
+        link: String,
+        /// Where the link lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Reading a link's hardware address failed.
+    #[error("cannot read the MAC address of link {link}{ns}{}", hint(.source))]
+    LinkMac {
+        /// The link name.
+        link: String,
+        /// Where the link lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Probing the tunnel kinds the kernel supports failed (not: a kind is
+    /// unsupported, which is a normal probe result).
+    #[error("cannot probe tunnel kinds{ns}{}", hint(.source))]
+    ProbeTunnels {
+        /// Where the probe ran.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Sending a gratuitous ARP failed.
+    #[error("cannot send gratuitous ARP for {ip} on link {link}{ns}{}", hint(.source))]
+    SendArp {
+        /// The link name.
+        link: String,
+        /// The address announced.
+        ip: Ipv4Addr,
+        /// Where the link lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
     /// Spawning a program inside a named network namespace failed.
     #[error("cannot spawn {program}{ns}{}", hint(.source))]
     Spawn {
@@ -273,6 +392,16 @@ impl NetError {
             | NetError::AddRoute { source, .. }
             | NetError::Shape { source, .. }
             | NetError::Unshape { source, .. }
+            | NetError::InstallRoute { source, .. }
+            | NetError::DeleteRoute { source, .. }
+            | NetError::ListRoutes { source, .. }
+            | NetError::AddRule { source, .. }
+            | NetError::DeleteRule { source, .. }
+            | NetError::ListRules { source, .. }
+            | NetError::LinkStats { source, .. }
+            | NetError::LinkMac { source, .. }
+            | NetError::ProbeTunnels { source, .. }
+            | NetError::SendArp { source, .. }
             | NetError::Spawn { source, .. }
             | NetError::ListPids { source, .. } => Some(source),
         }

@@ -46,8 +46,24 @@
 //! and re-created under the same name is never confused with the old one
 //! (a cached socket would also keep a deleted namespace alive).
 //!
-//! Tunnels are not implemented yet; a later `create_vxlan(ns, &VxlanSpec)`
-//! will sit next to [`NetOps::create_bridge`] and [`NetOps::create_veth`].
+//! # Handover forwarding
+//!
+//! * Tunnels: [`NetOps::create_vxlan`] (point-to-point, fixed remote),
+//!   [`NetOps::create_ipip`] and [`NetOps::create_gre`] for kernels that
+//!   have them, [`NetOps::create_tunnel`] for any [`TunnelSpec`]; they are
+//!   deleted with [`NetOps::delete_link`]. [`NetOps::probe_tunnel_kinds`]
+//!   creates and deletes a throwaway link of each [`TunnelKind`] (best in a
+//!   scratch namespace: [`NetOps::probe_tunnel_kinds_in_scratch`]) and
+//!   [`TunnelKind::pick`] chooses the one with the least overhead.
+//! * Routes in any table, via a device or a gateway ([`RouteSpec`]):
+//!   [`NetOps::add_route`], [`NetOps::replace_route`] (atomic re-pointing),
+//!   [`NetOps::delete_route`], [`NetOps::list_routes`]; policy rules
+//!   ([`RuleSpec`], `ip rule`): [`NetOps::add_rule`],
+//!   [`NetOps::delete_rule`], [`NetOps::list_rules`].
+//! * Counters: [`NetOps::link_stats`] ([`LinkStats`]) tells whether a tunnel
+//!   still carries traffic; [`NetOps::link_mac`] reads a link's MAC.
+//! * Gratuitous ARP with pnet: [`send_gratuitous_arp`] (blocking) and
+//!   [`NetOps::send_gratuitous_arp`], from inside a named namespace.
 //!
 //! Everything needs root (`CAP_NET_ADMIN` and `CAP_SYS_ADMIN`), a tokio
 //! runtime with I/O enabled, and for shaping the `tc` program (iproute2).
@@ -88,12 +104,17 @@
 use std::future::Future;
 use std::net::Ipv4Addr;
 
+mod arp;
 mod error;
+mod forwarding;
 mod names;
 mod netlink;
 mod netns;
+mod route;
 mod shape;
+mod tunnel;
 
+pub use arp::{gratuitous_arp_frame, send_gratuitous_arp, GarpKind, ARP_FRAME_LEN};
 pub use error::{NameKind, NetError, NsLabel};
 pub use names::{
     validate_ifname, validate_netns_name, CidrError, Ipv4Cidr, NameError, MAX_IFNAME_LEN,
@@ -104,8 +125,10 @@ pub use netns::{
     command_in_netns, create_netns, delete_netns, list_netns, netns_exists, netns_path, open_netns,
     pids_in_netns, run_in_netns, spawn_in_netns, NETNS_RUN_DIR,
 };
+pub use route::{LinkStats, RouteInfo, RouteSpec, RouteVia, RuleInfo, RuleSpec, TABLE_MAIN};
 pub use rtnetlink;
 pub use shape::{htb_commands, MAX_RATE_BITS_PER_SEC};
+pub use tunnel::{IpTunnelSpec, TunnelKind, TunnelSpec, VxlanSpec, VXLAN_PORT};
 
 /// The network namespace an operation acts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -217,4 +240,151 @@ pub trait NetOps: Send + Sync {
     /// Remove the root qdisc of link `link` in `ns` (back to the default);
     /// nothing to do if it has none.
     fn unshape(&self, ns: Ns<'_>, link: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Create the tunnel `spec` in `ns`, down (set it up once addressed);
+    /// [`NetOps::delete_link`] deletes it. Fails with
+    /// [`NetError::CreateLink`] (for a kind the kernel lacks: "operation not
+    /// supported").
+    fn create_tunnel(
+        &self,
+        ns: Ns<'_>,
+        spec: &TunnelSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Create a point-to-point VXLAN device (see [`VxlanSpec`]).
+    fn create_vxlan(
+        &self,
+        ns: Ns<'_>,
+        spec: &VxlanSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send {
+        async move {
+            self.create_tunnel(ns, &TunnelSpec::Vxlan(spec.clone()))
+                .await
+        }
+    }
+
+    /// Create an IPIP tunnel (kernels with the `ipip` module).
+    fn create_ipip(
+        &self,
+        ns: Ns<'_>,
+        spec: &IpTunnelSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send {
+        async move {
+            self.create_tunnel(ns, &TunnelSpec::Ipip(spec.clone()))
+                .await
+        }
+    }
+
+    /// Create a GRE tunnel (kernels with the `ip_gre` module).
+    fn create_gre(
+        &self,
+        ns: Ns<'_>,
+        spec: &IpTunnelSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send {
+        async move { self.create_tunnel(ns, &TunnelSpec::Gre(spec.clone())).await }
+    }
+
+    /// The tunnel kinds the kernel can create in `ns`, in
+    /// [`TunnelKind::ALL`] order: a throwaway link of each kind (named
+    /// `xprb<pid><letter>`, between TEST-NET addresses, never up) is
+    /// created and deleted at once. A kind that fails to create is left out
+    /// (loading a tunnel module creates fallback devices such as `tunl0` in
+    /// every namespace: probe in a scratch namespace, see
+    /// [`NetOps::probe_tunnel_kinds_in_scratch`]). Fails only when the probe
+    /// cannot work (no privileges).
+    fn probe_tunnel_kinds(
+        &self,
+        ns: Ns<'_>,
+    ) -> impl Future<Output = Result<Vec<TunnelKind>, NetError>> + Send;
+
+    /// [`NetOps::probe_tunnel_kinds`] in a new namespace `scratch`, which is
+    /// deleted afterwards (also when the probe fails).
+    fn probe_tunnel_kinds_in_scratch(
+        &self,
+        scratch: &str,
+    ) -> impl Future<Output = Result<Vec<TunnelKind>, NetError>> + Send {
+        async move {
+            self.create_netns(scratch).await?;
+            let kinds = self.probe_tunnel_kinds(Ns::Named(scratch)).await;
+            let deleted = self.delete_netns(scratch).await;
+            let kinds = kinds?;
+            deleted?;
+            Ok(kinds)
+        }
+    }
+
+    /// Add a route (see [`RouteSpec`]); fails if it exists.
+    fn add_route(
+        &self,
+        ns: Ns<'_>,
+        route: &RouteSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Add a route or replace the one with the same destination, table and
+    /// metric, atomically (`ip route replace`): re-points a home address
+    /// from one tunnel to another without a gap.
+    fn replace_route(
+        &self,
+        ns: Ns<'_>,
+        route: &RouteSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Delete a route ([`NetError::is_not_found`] if there is none).
+    fn delete_route(
+        &self,
+        ns: Ns<'_>,
+        route: &RouteSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// The IPv4 unicast routes in `ns`, of table `table` or of all tables.
+    fn list_routes(
+        &self,
+        ns: Ns<'_>,
+        table: Option<u32>,
+    ) -> impl Future<Output = Result<Vec<RouteInfo>, NetError>> + Send;
+
+    /// Add a policy rule (`ip rule add`).
+    fn add_rule(
+        &self,
+        ns: Ns<'_>,
+        rule: &RuleSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// Delete the first policy rule matching every field of `rule` (`ip rule
+    /// del`; [`NetError::is_not_found`] if none does).
+    fn delete_rule(
+        &self,
+        ns: Ns<'_>,
+        rule: &RuleSpec,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
+    /// The IPv4 policy rules in `ns`, by priority.
+    fn list_rules(
+        &self,
+        ns: Ns<'_>,
+    ) -> impl Future<Output = Result<Vec<RuleInfo>, NetError>> + Send;
+
+    /// The counters of link `link` in `ns`.
+    fn link_stats(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+    ) -> impl Future<Output = Result<LinkStats, NetError>> + Send;
+
+    /// The MAC address of link `link` in `ns`.
+    fn link_mac(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+    ) -> impl Future<Output = Result<[u8; 6], NetError>> + Send;
+
+    /// Announce that `ip` is at `mac` (the link's own when `None`) on link
+    /// `link` in `ns` with a gratuitous ARP (see [`send_gratuitous_arp`]).
+    fn send_gratuitous_arp(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+        ip: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
 }

@@ -16,7 +16,9 @@ use rtnetlink::{
 use crate::error::{nl_io, NetError, NsLabel};
 use crate::names::{validate_ifname, Ipv4Cidr};
 use crate::netns::{self, run_in_netns_async};
+use crate::route::{LinkStats, RouteInfo, RouteSpec, RuleInfo, RuleSpec};
 use crate::shape::{htb_commands, run_tc, tc_command};
+use crate::tunnel::{TunnelKind, TunnelSpec};
 use crate::{NetOps, Ns};
 
 /// The real [`NetOps`]: rtnetlink connections, one kept for the root
@@ -90,7 +92,7 @@ impl Netlink {
 }
 
 /// The index of link `name`, or a "not found" error naming it.
-async fn link_index(handle: &Handle, name: &str) -> io::Result<u32> {
+pub(crate) async fn link_index(handle: &Handle, name: &str) -> io::Result<u32> {
     let links = handle.link().get().match_name(name.to_owned()).execute();
     let mut links = pin!(links);
     match links.try_next().await {
@@ -141,7 +143,7 @@ impl Netlink {
 }
 
 /// Run a quick blocking namespace operation off the async thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, NetError> + Send + 'static,
 ) -> Result<T, NetError> {
     match tokio::task::spawn_blocking(f).await {
@@ -372,5 +374,65 @@ impl NetOps for Netlink {
                 ns: ns.into(),
                 source,
             })
+    }
+
+    // Tunnels, routes, rules, counters, ARP: implemented in forwarding.rs.
+
+    async fn create_tunnel(&self, ns: Ns<'_>, spec: &TunnelSpec) -> Result<(), NetError> {
+        self.create_tunnel_impl(ns, spec).await
+    }
+
+    async fn probe_tunnel_kinds(&self, ns: Ns<'_>) -> Result<Vec<TunnelKind>, NetError> {
+        self.probe_tunnel_kinds_impl(ns).await
+    }
+
+    async fn add_route(&self, ns: Ns<'_>, route: &RouteSpec) -> Result<(), NetError> {
+        self.install_route_impl(ns, route, false).await
+    }
+
+    async fn replace_route(&self, ns: Ns<'_>, route: &RouteSpec) -> Result<(), NetError> {
+        self.install_route_impl(ns, route, true).await
+    }
+
+    async fn delete_route(&self, ns: Ns<'_>, route: &RouteSpec) -> Result<(), NetError> {
+        self.delete_route_impl(ns, route).await
+    }
+
+    async fn list_routes(
+        &self,
+        ns: Ns<'_>,
+        table: Option<u32>,
+    ) -> Result<Vec<RouteInfo>, NetError> {
+        self.list_routes_impl(ns, table).await
+    }
+
+    async fn add_rule(&self, ns: Ns<'_>, rule: &RuleSpec) -> Result<(), NetError> {
+        self.add_rule_impl(ns, rule).await
+    }
+
+    async fn delete_rule(&self, ns: Ns<'_>, rule: &RuleSpec) -> Result<(), NetError> {
+        self.delete_rule_impl(ns, rule).await
+    }
+
+    async fn list_rules(&self, ns: Ns<'_>) -> Result<Vec<RuleInfo>, NetError> {
+        self.list_rules_impl(ns).await
+    }
+
+    async fn link_stats(&self, ns: Ns<'_>, link: &str) -> Result<LinkStats, NetError> {
+        self.link_stats_impl(ns, link).await
+    }
+
+    async fn link_mac(&self, ns: Ns<'_>, link: &str) -> Result<[u8; 6], NetError> {
+        self.link_mac_impl(ns, link).await
+    }
+
+    async fn send_gratuitous_arp(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+        ip: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), NetError> {
+        self.send_gratuitous_arp_impl(ns, link, ip, mac).await
     }
 }
