@@ -79,13 +79,29 @@ impl Client {
         &self.hello
     }
 
-    /// Starts a container from an image already on the node.
+    /// Starts a container from an image already on the node, in the node's network
+    /// namespace.
     pub async fn run(
         &mut self,
         id: &str,
         image: &str,
         args: &[String],
         env: &[String],
+    ) -> Result<u32, AgentError> {
+        self.run_with_address(id, image, args, env, "", "").await
+    }
+
+    /// Starts a container with its own address (`address` as CIDR, default route via
+    /// `gateway`) in its own network namespace on the node's link; the address moves
+    /// with the container.
+    pub async fn run_with_address(
+        &mut self,
+        id: &str,
+        image: &str,
+        args: &[String],
+        env: &[String],
+        address: &str,
+        gateway: &str,
     ) -> Result<u32, AgentError> {
         let r = self
             .inner
@@ -94,6 +110,8 @@ impl Client {
                 image: image.to_string(),
                 args: args.to_vec(),
                 env: env.to_vec(),
+                address: address.to_string(),
+                gateway: gateway.to_string(),
             })
             .await
             .map_err(|status| AgentError::Peer {

@@ -62,6 +62,13 @@ pub enum AgentError {
     /// A migration driven by a remote agent failed; its message names the step and cause.
     #[error("{}", .status.message())]
     Remote { status: tonic::Status },
+    /// A network operation (container namespace, veth, address) failed.
+    #[error("network: {what}")]
+    Net {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Setting up TLS failed.
     #[error("TLS: {what}")]
     Tls {

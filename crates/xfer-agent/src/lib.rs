@@ -26,6 +26,7 @@ pub mod client;
 pub mod error;
 pub mod images;
 pub mod migrate;
+pub mod netctl;
 pub mod node;
 pub mod tls;
 pub mod transfer;

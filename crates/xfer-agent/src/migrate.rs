@@ -189,7 +189,15 @@ pub async fn run(
     .await;
     let _ = std::fs::remove_dir_all(&out_dir);
     let (downtime_us, bytes_sent, pid) = match result {
-        Ok(v) => v,
+        Ok(v) => {
+            // The source copy is gone; so goes its own network namespace.
+            if let Some(cn) = &node.cfg.container_net {
+                if let Err(e) = cn.detach(id).await {
+                    warn!(error = %e, "could not remove the source container's namespace");
+                }
+            }
+            v
+        }
         Err((step, e)) => {
             warn!(?step, error = %e, "aborting migration");
             let _ = peer

@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub work_dir: PathBuf,
     /// This node's TLS files, used as a client when it calls other agents.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Where containers with their own address get their namespace (host namespace
+    /// and bridge); `None`: such containers are refused here.
+    pub container_net: Option<crate::netctl::ContainerNet>,
 }
 
 /// A migration this node receives.
@@ -188,7 +191,7 @@ impl Node {
             .await
             .map_err(dst_err)?;
         let cleanup_all = |node: Node, id: String| async move {
-            let _ = node.rt.remove(&id).await;
+            node.discard(&id).await;
         };
         if req.has_rootfs_diff {
             let diff = files
@@ -203,13 +206,29 @@ impl Node {
         phases.push(phase("dst.rootfs", t, 0));
 
         let t = Instant::now();
-        let spec = rewrite_spec_for_host(
+        // A container with its own address gets the same namespace and address here.
+        let netns = match self.attach_from_labels(id, &req.labels).await {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(e.to_status());
+            }
+        };
+        phases.push(phase("dst.network", t, 0));
+        let t = Instant::now();
+        let spec = match rewrite_spec_for_host(
             &req.spec_json,
             id,
             &self.cfg.host.namespace,
-            self.cfg.host.netns.as_deref(),
-        )
-        .map_err(dst_err)?;
+            netns.as_deref().or(self.cfg.host.netns.as_deref()),
+            self.cfg.host.criu_config.as_deref(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(dst_err(e));
+            }
+        };
         let record = xfer_runtime::containerd::ContainerRecord {
             id: id.to_string(),
             image: image_name.clone(),
@@ -251,7 +270,52 @@ impl Node {
             }
         };
         phases.push(phase("dst.criu_restore", t, 0));
+        // Tell the link where the address lives now (the same L2 segment as before).
+        if let (Some(cn), Ok(Some((addr, _)))) = (
+            &self.cfg.container_net,
+            crate::netctl::from_labels(&req.labels),
+        ) {
+            let ns = cn.netns_name(id);
+            let ip = addr.addr();
+            let sent = tokio::task::spawn_blocking(move || {
+                xfer_net::send_gratuitous_arp(xfer_net::Ns::Named(&ns), "eth0", ip, None)
+            })
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                warn!(?sent, "gratuitous ARP for the restored container failed");
+            }
+        }
         Ok(pid)
+    }
+
+    /// Creates the container's own namespace if its labels give it an address.
+    async fn attach_from_labels(
+        &self,
+        id: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        let Some((addr, gw)) = crate::netctl::from_labels(labels)? else {
+            return Ok(None);
+        };
+        let cn = self.cfg.container_net.as_ref().ok_or_else(|| {
+            AgentError::Refused(format!(
+                "node {} has no bridge for containers with their own address (xferd --bridge)",
+                self.cfg.name
+            ))
+        })?;
+        Ok(Some(cn.attach(id, addr, gw).await?))
+    }
+
+    /// Removes a container, its task, snapshot and own network namespace.
+    pub async fn discard(&self, id: &str) {
+        if let Err(e) = self.rt.remove(id).await {
+            warn!(container = id, error = %e, "remove container");
+        }
+        if let Some(cn) = &self.cfg.container_net {
+            if let Err(e) = cn.detach(id).await {
+                warn!(container = id, error = %e, "remove container namespace");
+            }
+        }
     }
 }
 
@@ -293,11 +357,43 @@ impl Agent for Node {
                     r.image, self.cfg.name
                 ))
             })?;
-        let pid = self
-            .rt
-            .run(&r.id, &r.image, &info.chain_id, &r.args, &r.env)
+        let mut labels = HashMap::new();
+        if !r.address.is_empty() {
+            labels.insert(crate::netctl::ADDRESS_LABEL.to_string(), r.address.clone());
+            labels.insert(crate::netctl::GATEWAY_LABEL.to_string(), r.gateway.clone());
+        }
+        xfer_runtime::containerd::validate_id(&r.id).map_err(rt_err(Step::Validate))?;
+        if self.rt.container(&r.id).await.is_ok() {
+            return Err(refuse(format!(
+                "node {} already has a container {:?}",
+                self.cfg.name, r.id
+            )));
+        }
+        let netns = self
+            .attach_from_labels(&r.id, &labels)
             .await
-            .map_err(rt_err(Step::Validate))?;
+            .map_err(|e| e.to_status())?;
+        let pid = match self
+            .rt
+            .run(
+                &r.id,
+                &r.image,
+                &info.chain_id,
+                &r.args,
+                &r.env,
+                netns.as_deref(),
+                labels,
+            )
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(cn) = &self.cfg.container_net {
+                    let _ = cn.detach(&r.id).await;
+                }
+                return Err(rt_err(Step::Validate)(e));
+            }
+        };
         info!(container = %r.id, pid, "container started");
         Ok(Response::new(RunContainerReply { pid }))
     }
@@ -333,6 +429,9 @@ impl Agent for Node {
             .remove(&id)
             .await
             .map_err(rt_err(Step::CleanupSource))?;
+        if let Some(cn) = &self.cfg.container_net {
+            cn.detach(&id).await.map_err(|e| e.to_status())?;
+        }
         Ok(Response::new(RemoveContainerReply {}))
     }
 
@@ -562,7 +661,9 @@ impl Agent for Node {
             // Remove only what this migration made: a container of that id with a
             // restored task is removed too, since the source keeps running.
             if self.rt.container(&id).await.is_ok() {
-                let _ = self.rt.remove(&id).await;
+                self.discard(&id).await;
+            } else if let Some(cn) = &self.cfg.container_net {
+                let _ = cn.detach(&id).await;
             }
         }
         self.cleanup_inbound(&r.migration_id).await;

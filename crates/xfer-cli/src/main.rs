@@ -54,6 +54,13 @@ enum Cmd {
         /// Environment variables (KEY=VALUE).
         #[arg(long = "env")]
         env: Vec<String>,
+        /// Give the container its own address (CIDR, e.g. 10.1.2.200/24) that moves
+        /// with it (in a lab, use the subnet's .200-.250).
+        #[arg(long)]
+        address: Option<String>,
+        /// Default gateway for --address (default: the lab's gateway).
+        #[arg(long)]
+        gateway: Option<String>,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         args: Vec<String>,
@@ -215,10 +222,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             name,
             env,
+            address,
+            gateway,
             args,
         } => {
             let mut c = connect(&g, &host).await?;
-            let pid = c.run(&name, &image, &args, &env).await?;
+            let pid = match address {
+                Some(a) => {
+                    let gw = match gateway {
+                        Some(gw) => gw,
+                        None => Lab::load(&g.prefix)
+                            .context("--address without --gateway needs a lab for its gateway")?
+                            .gateway
+                            .to_string(),
+                    };
+                    c.run_with_address(&name, &image, &args, &env, &a, &gw)
+                        .await?
+                }
+                None => c.run(&name, &image, &args, &env).await?,
+            };
             println!("started {name} on {host} (pid {pid})");
             Ok(())
         }

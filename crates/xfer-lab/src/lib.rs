@@ -28,6 +28,8 @@ use xfer_runtime::daemon::DaemonConfig;
 
 /// Where labs keep their files.
 pub const LAB_ROOT: &str = "/var/lib/xfer-lab";
+/// The bridge inside each host's namespace (its address, eth0 and container veths).
+pub const HOST_BRIDGE: &str = "br0";
 /// Port of each host's xferd.
 pub const AGENT_PORT: u16 = 7070;
 
@@ -95,6 +97,7 @@ impl LabHost {
             snapshotter: "overlayfs".into(),
             netns: Some(xfer_net::netns_path(&self.netns)),
             log_dir: self.dir.join("logs"),
+            criu_config: Some(self.dir.join("work").join("criu-runc.conf")),
         }
     }
 }
@@ -235,6 +238,11 @@ impl Lab {
         pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
     }
 
+    /// The `n`-th address for containers with their own address (`.200 + n`), as CIDR.
+    pub fn service_address(&self, n: u8) -> String {
+        format!("{}/24", host_addr(self.subnet, 200u8.saturating_add(n)))
+    }
+
     /// The operator's TLS files (for the CLI and tests).
     pub fn operator_tls(&self) -> xfer_agent::tls::TlsFiles {
         xfer_agent::tls::TlsFiles::in_dir(&self.tls_dir, "operator")
@@ -364,7 +372,10 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         .await
         .map_err(net_err(bridge.clone()))?;
 
-    let attach = |ns: String, addr: Ipv4Addr| {
+    // A host gets a bridge `br0` holding its address, with `eth0` (its link) and
+    // later its containers' veths on it, so a container with its own address sits
+    // on the lab's link and keeps that address on whichever host it runs.
+    let attach = |ns: String, addr: Ipv4Addr, host_bridge: bool| {
         let net = &net;
         let bridge = bridge.clone();
         async move {
@@ -383,7 +394,21 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             net.set_link_up(Ns::Named(&ns), "eth0")
                 .await
                 .map_err(net_err(ns.clone()))?;
-            net.add_address(Ns::Named(&ns), "eth0", cidr(addr))
+            let addr_dev = if host_bridge {
+                net.create_bridge(Ns::Named(&ns), HOST_BRIDGE)
+                    .await
+                    .map_err(net_err(format!("{ns}/{HOST_BRIDGE}")))?;
+                net.set_master(Ns::Named(&ns), "eth0", HOST_BRIDGE)
+                    .await
+                    .map_err(net_err(format!("{ns}/eth0")))?;
+                net.set_link_up(Ns::Named(&ns), HOST_BRIDGE)
+                    .await
+                    .map_err(net_err(format!("{ns}/{HOST_BRIDGE}")))?;
+                HOST_BRIDGE
+            } else {
+                "eth0"
+            };
+            net.add_address(Ns::Named(&ns), addr_dev, cidr(addr))
                 .await
                 .map_err(net_err(ns.clone()))?;
             net.add_default_route(Ns::Named(&ns), gateway)
@@ -414,14 +439,14 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         netns: format!("{p}-client"),
         address: host_addr(subnet, 100),
     };
-    attach(client.netns.clone(), client.address).await?;
+    attach(client.netns.clone(), client.address, false).await?;
 
     let mut hosts = Vec::new();
     for i in 1..=spec.nodes {
         let name = format!("h{i}");
         let netns = format!("{p}-{name}");
         let address = host_addr(subnet, i as u8);
-        attach(netns.clone(), address).await?;
+        attach(netns.clone(), address, true).await?;
         let rate = spec.rates.iter().find(|(h, _)| *h == name).map(|(_, r)| *r);
         if let Some(r) = rate {
             net.shape(Ns::Root, &netns, r)
@@ -480,7 +505,8 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             .arg("--log-dir")
             .arg(&logs)
             .arg("--tls-dir")
-            .arg(&tls_dir);
+            .arg(&tls_dir)
+            .args(["--bridge", HOST_BRIDGE]);
         let xferd_pid = spawn_daemon(&netns, cmd, &xlog, &format!("xferd of {name}"))?;
         wait_for_port(
             address,

@@ -68,6 +68,34 @@ pub struct HostConfig {
     pub netns: Option<PathBuf>,
     /// Directory for container stdout/stderr logs.
     pub log_dir: PathBuf,
+    /// CRIU configuration file that runc passes to CRIU for this host's containers
+    /// (spec annotation `org.criu.config`). containerd 1.6's runc shim restores without
+    /// `--tcp-established`; the file carries it (see [`write_criu_config`]).
+    pub criu_config: Option<PathBuf>,
+}
+
+/// The spec annotation through which runc hands CRIU a configuration file.
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// What xfer's CRIU configuration file says, for dump and restore alike: keep
+/// established TCP connections (the dump options alone do not reach a restore run by
+/// containerd 1.6's shim).
+pub const CRIU_CONFIG: &str = "tcp-established\n";
+
+/// Writes [`CRIU_CONFIG`] to `path`.
+pub fn write_criu_config(path: &Path) -> Result<(), RuntimeError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|source| RuntimeError::Io {
+            op: "create directory",
+            path: d.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::write(path, CRIU_CONFIG).map_err(|source| RuntimeError::Io {
+        op: "write CRIU configuration",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// What a container is, as needed to move it.
@@ -225,6 +253,9 @@ impl Containerd {
 
     /// Creates a container from an imported image (top layer chain id `parent`) and
     /// starts its task. Returns the task's pid.
+    /// `netns`: the network namespace to join (default: the host's); `labels` are added
+    /// to the container record and travel with it when it migrates.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
         id: &str,
@@ -232,6 +263,8 @@ impl Containerd {
         parent_chain_id: &str,
         args: &[String],
         env: &[String],
+        netns: Option<&Path>,
+        labels: HashMap<String, String>,
     ) -> Result<u32, RuntimeError> {
         validate_id(id)?;
         if args.is_empty() {
@@ -239,13 +272,16 @@ impl Containerd {
                 "no command given: pass the program to run and its arguments".into(),
             ));
         }
-        let spec = default_spec(
+        let mut spec = default_spec(
             id,
             args,
             env,
             &self.cfg.namespace,
-            self.cfg.netns.as_deref(),
+            netns.or(self.cfg.netns.as_deref()),
         );
+        if let Some(c) = &self.cfg.criu_config {
+            spec["annotations"] = json!({ CRIU_CONFIG_ANNOTATION: c.display().to_string() });
+        }
         let spec_json = serde_json::to_vec(&spec)
             .map_err(|e| RuntimeError::Invalid(format!("encode spec: {e}")))?;
         let record = ContainerRecord {
@@ -253,7 +289,11 @@ impl Containerd {
             image: image.to_string(),
             snapshotter: self.cfg.snapshotter.clone(),
             snapshot_key: id.to_string(),
-            labels: HashMap::from([(MANAGED_LABEL.to_string(), "true".to_string())]),
+            labels: {
+                let mut l = labels;
+                l.insert(MANAGED_LABEL.to_string(), "true".to_string());
+                l
+            },
             spec_json,
         };
         // The record first: it references the snapshot, which keeps the snapshot from
@@ -794,10 +834,20 @@ pub fn rewrite_spec_for_host(
     id: &str,
     namespace: &str,
     netns: Option<&Path>,
+    criu_config: Option<&Path>,
 ) -> Result<Vec<u8>, RuntimeError> {
     let mut spec: Value = serde_json::from_slice(spec_json).map_err(|e| {
         RuntimeError::Invalid(format!("the container's spec is not valid JSON: {e}"))
     })?;
+    if let (Some(c), Some(obj)) = (criu_config, spec.as_object_mut()) {
+        let ann = obj.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(a) = ann.as_object_mut() {
+            a.insert(
+                CRIU_CONFIG_ANNOTATION.into(),
+                Value::String(c.display().to_string()),
+            );
+        }
+    }
     let linux = spec
         .get_mut("linux")
         .and_then(Value::as_object_mut)
@@ -866,8 +916,14 @@ mod tests {
             Some(Path::new("/run/netns/a")),
         );
         let bytes = serde_json::to_vec(&spec).expect("encode");
-        let out = rewrite_spec_for_host(&bytes, "c1", "ns-b", Some(Path::new("/run/netns/b")))
-            .expect("rewrite");
+        let out = rewrite_spec_for_host(
+            &bytes,
+            "c1",
+            "ns-b",
+            Some(Path::new("/run/netns/b")),
+            Some(Path::new("/b/criu.conf")),
+        )
+        .expect("rewrite");
         let v: Value = serde_json::from_slice(&out).expect("decode");
         assert_eq!(v["linux"]["cgroupsPath"], "/ns-b/c1");
         let net = v["linux"]["namespaces"]
@@ -880,6 +936,7 @@ mod tests {
         assert_eq!(net["path"], "/run/netns/b");
         // the rest is untouched
         assert_eq!(v["process"]["args"][0], "sh");
-        assert!(rewrite_spec_for_host(b"not json", "c1", "n", None).is_err());
+        assert_eq!(v["annotations"][CRIU_CONFIG_ANNOTATION], "/b/criu.conf");
+        assert!(rewrite_spec_for_host(b"not json", "c1", "n", None, None).is_err());
     }
 }

@@ -42,6 +42,10 @@ struct Args {
     /// Name of this node's certificate files in --tls-dir (default: the node name).
     #[arg(long)]
     tls_name: Option<String>,
+    /// Bridge in the host's network namespace (--netns) that containers with their own
+    /// address are attached to.
+    #[arg(long, requires = "netns")]
+    bridge: Option<String>,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -76,16 +80,33 @@ async fn run() -> anyhow::Result<()> {
             snapshotter: args.snapshotter.clone(),
             netns: args.netns.clone(),
             log_dir,
+            criu_config: Some(args.work_dir.join("criu-runc.conf")),
         },
         work_dir: args.work_dir.clone(),
+        container_net: None,
         tls: args.tls_dir.as_ref().map(|d| {
             xfer_agent::tls::TlsFiles::in_dir(d, args.tls_name.as_deref().unwrap_or(&args.node))
         }),
     };
+    let mut cfg = cfg;
+    if let (Some(bridge), Some(netns)) = (&args.bridge, &args.netns) {
+        let host_ns = netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("--netns must be a /run/netns/NAME path")?
+            .to_string();
+        cfg.container_net = Some(xfer_agent::netctl::ContainerNet {
+            host_ns,
+            bridge: bridge.clone(),
+        });
+    }
     let server_tls = match &cfg.tls {
         Some(t) if !args.insecure => Some(t.server_config().context("load TLS files")?),
         _ => None,
     };
+    if let Some(c) = &cfg.host.criu_config {
+        xfer_runtime::containerd::write_criu_config(c).context("write the CRIU configuration")?;
+    }
     let node = Node::new(cfg).await.with_context(|| {
         format!(
             "start node {} on containerd {}",
