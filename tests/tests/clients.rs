@@ -1,0 +1,146 @@
+//! What clients see: a container with its own address keeps it across hosts, and an
+//! established TCP connection (a redis client under a steady write load) survives
+//! the migration without losing an acknowledged write.
+
+use std::time::Duration;
+
+use xfer_agent::client::Mode;
+use xfer_tests::{chain, task_pid, wait_for, TestLab};
+
+fn loadgen_path() -> std::path::PathBuf {
+    let p = xfer_tests::xferd_path().with_file_name("xfer-loadgen");
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
+    let lab = TestLab::up("tcc", 2).await;
+    lab.import("h1", "redis").await;
+    let mut h1 = lab.agent("h1").await;
+    let mut h2 = lab.agent("h2").await;
+    let addr = lab.lab.service_address(1);
+    let ip = addr.split('/').next().expect("ip").to_string();
+    let args: Vec<String> = [
+        "redis-server",
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    h1.run_with_address(
+        "redis",
+        "redis",
+        &args,
+        &[],
+        &addr,
+        &lab.lab.gateway.to_string(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    wait_for(
+        "redis answering on its own address",
+        Duration::from_secs(20),
+        || {
+            let out = lab
+                .lab
+                .exec(
+                    "client",
+                    &["redis-cli".into(), "-h".into(), ip.clone(), "PING".into()],
+                )
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("PONG")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A steady write load over one connection from the client namespace.
+    let report = std::env::temp_dir().join(format!("xfer-load-{}.json", std::process::id()));
+    let lg = loadgen_path();
+    let lab2 = lab.lab.clone();
+    let (ip2, report2) = (ip.clone(), report.clone());
+    let load = std::thread::spawn(move || {
+        lab2.exec(
+            "client",
+            &[
+                lg.display().to_string(),
+                "run".into(),
+                "--addr".into(),
+                format!("{ip2}:6379"),
+                "--seconds".into(),
+                "6".into(),
+                "--pace-us".into(),
+                "500".into(),
+                "--out".into(),
+                report2.display().to_string(),
+            ],
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
+    let rep = h1
+        .migrate("redis", &dst, Mode::Cold, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {}", chain(&e)));
+    let out = load.join().expect("load thread").expect("run loadgen");
+    assert!(
+        out.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "load during migration: {text}; xfer downtime {} us",
+        rep.downtime_micros
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("report json");
+    // The connection survived: not one error, and the client kept writing afterwards.
+    assert_eq!(v["errors"], 0, "the client's connection broke: {text}");
+    assert!(v["acked"].as_u64().unwrap_or(0) > 1000, "{text}");
+    assert!(
+        v["max_gap_at_ms"].as_f64().unwrap_or(0.0) > 1000.0,
+        "the longest gap is not the migration: {text}"
+    );
+    // The service runs on h2 now, at the same address.
+    assert!(task_pid(&mut h1, "redis").await.is_none());
+    assert!(task_pid(&mut h2, "redis").await.is_some());
+    // Not one acknowledged write lost.
+    let verify = lab
+        .lab
+        .exec(
+            "client",
+            &[
+                loadgen_path().display().to_string(),
+                "verify".into(),
+                "--addr".into(),
+                format!("{ip}:6379"),
+                "--report".into(),
+                report.display().to_string(),
+            ],
+        )
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let _ = std::fs::remove_file(&report);
+    // The source's container namespace is gone; the destination's exists.
+    let names = xfer_net::list_netns().expect("netns");
+    assert!(!names.iter().any(|n| n == "tcc-h1-c-redis"), "{names:?}");
+    assert!(names.iter().any(|n| n == "tcc-h2-c-redis"), "{names:?}");
+}
