@@ -8,14 +8,15 @@ use xfer_proto::v1::*;
 
 use crate::error::AgentError;
 
-pub use xfer_proto::v1::{ContainerInfo, MigrationReport, PhaseTiming};
+pub use xfer_proto::v1::{ContainerInfo, MigrationReport, PhaseTiming, RoundReport};
 
 /// Migration strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Stop-and-copy: freeze, dump, transfer, restore.
     Cold,
-    /// Pre-copy rounds, then a short cut-over (not implemented yet).
+    /// Pre-copy rounds while the task runs (only changed pages travel), then a short
+    /// cut-over.
     Precopy,
     /// Restore first, fetch memory on demand (not implemented yet).
     Postcopy,
@@ -52,6 +53,30 @@ impl std::str::FromStr for Mode {
                 ))
             }
         })
+    }
+}
+
+/// How to migrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateOptions {
+    pub mode: Mode,
+    /// Most pre-copy rounds (0 = the default, 4).
+    pub max_rounds: u32,
+    /// Start the cut-over once a round's delta would be fetched within this many ms
+    /// (0 = the default, 100).
+    pub downtime_budget_ms: u32,
+    /// Test hook: fail a destination step (prepare, transfer, restore).
+    pub inject_failure: String,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Precopy,
+            max_rounds: 0,
+            downtime_budget_ms: 0,
+            inject_failure: String::new(),
+        }
     }
 }
 
@@ -166,6 +191,22 @@ impl Client {
         destination: &str,
         mode: Mode,
         inject_failure: &str,
+        on_phase: impl FnMut(&PhaseTiming),
+    ) -> Result<MigrationReport, AgentError> {
+        let opts = MigrateOptions {
+            mode,
+            inject_failure: inject_failure.to_string(),
+            ..Default::default()
+        };
+        self.migrate_opts(id, destination, &opts, on_phase).await
+    }
+
+    /// [`Client::migrate`] with every option.
+    pub async fn migrate_opts(
+        &mut self,
+        id: &str,
+        destination: &str,
+        opts: &MigrateOptions,
         mut on_phase: impl FnMut(&PhaseTiming),
     ) -> Result<MigrationReport, AgentError> {
         let mut stream = self
@@ -174,8 +215,10 @@ impl Client {
                 version: xfer_proto::PROTOCOL_VERSION as i32,
                 container_id: id.to_string(),
                 destination: destination.to_string(),
-                mode: mode.wire() as i32,
-                inject_failure: inject_failure.to_string(),
+                mode: opts.mode.wire() as i32,
+                inject_failure: opts.inject_failure.clone(),
+                max_rounds: opts.max_rounds,
+                downtime_budget_ms: opts.downtime_budget_ms,
             })
             .await
             .map_err(|status| AgentError::Peer {

@@ -62,6 +62,16 @@ pub enum AgentError {
     /// A migration driven by a remote agent failed; its message names the step and cause.
     #[error("{}", .status.message())]
     Remote { status: tonic::Status },
+    /// A chunk store operation failed.
+    #[error("chunk store: {what}")]
+    Store {
+        what: String,
+        #[source]
+        source: xfer_store::StoreError,
+    },
+    /// Fetching chunks failed.
+    #[error("fetch chunks")]
+    Fetch(#[source] crate::chunks::ChunkError),
     /// A network operation (container namespace, veth, address) failed.
     #[error("network: {what}")]
     Net {

@@ -22,12 +22,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chunks;
 pub mod client;
 pub mod error;
 pub mod images;
 pub mod migrate;
 pub mod netctl;
 pub mod node;
+pub mod sync;
 pub mod tls;
 pub mod transfer;
 
@@ -50,7 +52,9 @@ pub async fn serve(
     if let Some(t) = tls {
         builder = builder.tls_config(t)?;
     }
+    let chunks = chunks::ChunkService::new(node.store().clone()).into_server();
     builder
+        .add_service(chunks)
         .add_service(
             AgentServer::new(node)
                 .max_decoding_message_size(MAX_MESSAGE)

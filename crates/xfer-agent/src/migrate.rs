@@ -109,6 +109,8 @@ pub async fn run(
     let start = Instant::now();
     let mut phases = Vec::new();
     let id = req.container_id.as_str();
+    let mode = xfer_proto::require_mode(req.mode).map_err(AgentError::Decode)?;
+    let policy = RoundPolicy::from_request(mode, req);
     let rt = &node.rt;
     let rt_err = |step: Step| move |source| AgentError::Runtime { step, source };
 
@@ -158,7 +160,7 @@ pub async fn run(
         version: xfer_proto::PROTOCOL_VERSION as i32,
         migration_id: mid.to_string(),
         container_id: id.to_string(),
-        mode: MigrationMode::Cold as i32,
+        mode: mode as i32,
         image_name: record.image.clone(),
         manifest: Some(image.manifest.clone()),
         blobs: image.blobs.clone(),
@@ -176,18 +178,22 @@ pub async fn run(
     emit(&tx, &phase("prepare", t, 0), &mut phases).await;
 
     let out_dir = node.cfg.work_dir.join("out").join(mid);
+    let mut rounds = Vec::new();
     let result = run_after_prepare(
         node,
         mid,
         &record,
         &missing,
+        &policy,
         &mut peer,
         &tx,
         &mut phases,
+        &mut rounds,
         &out_dir,
     )
     .await;
     let _ = std::fs::remove_dir_all(&out_dir);
+    let _ = node.store.release(mid);
     let (downtime_us, bytes_sent, pid) = match result {
         Ok(v) => {
             // The source copy is gone; so goes its own network namespace.
@@ -223,7 +229,74 @@ pub async fn run(
         restored_pid: pid,
         image_blobs_sent: missing.len() as u32,
         image_blobs_skipped: (total - missing.len()) as u32,
+        rounds,
+        mode: format!("{mode:?}").to_lowercase(),
     })
+}
+
+/// When pre-copy stops and the cut-over starts.
+///
+/// Each round dumps the running task (CRIU, leave running), chunks the images and lets
+/// the destination fetch what it lacks. After a round the policy stops when:
+/// 1. the round's delta would be fetched within the downtime budget at the rate the
+///    round achieved (the final delta is expected to be no larger), or
+/// 2. the delta stopped shrinking (at least 90% of the previous one: the task
+///    dirties memory as fast as the link carries it), or
+/// 3. the round limit is reached.
+///
+/// Cold mode runs no rounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundPolicy {
+    pub max_rounds: u32,
+    pub budget: std::time::Duration,
+}
+
+impl RoundPolicy {
+    /// Default round limit.
+    pub const MAX_ROUNDS: u32 = 4;
+    /// Default downtime budget for the final delta's transfer.
+    pub const BUDGET_MS: u32 = 100;
+
+    /// The policy a request asks for.
+    pub fn from_request(mode: MigrationMode, req: &MigrateRequest) -> Self {
+        let max_rounds = match mode {
+            MigrationMode::Cold => 0,
+            _ if req.max_rounds > 0 => req.max_rounds,
+            _ => Self::MAX_ROUNDS,
+        };
+        let ms = if req.downtime_budget_ms > 0 {
+            req.downtime_budget_ms
+        } else {
+            Self::BUDGET_MS
+        };
+        RoundPolicy {
+            max_rounds,
+            budget: std::time::Duration::from_millis(u64::from(ms)),
+        }
+    }
+
+    /// Whether to stop after a round whose delta was `delta` bytes fetched at
+    /// `rate` bytes/s, the previous round's delta being `prev` (None for round 1).
+    pub fn stop_after(
+        &self,
+        round: u32,
+        delta: u64,
+        rate: f64,
+        prev: Option<u64>,
+    ) -> Option<&'static str> {
+        if round >= self.max_rounds {
+            return Some("round limit");
+        }
+        if rate > 0.0 && (delta as f64 / rate) <= self.budget.as_secs_f64() {
+            return Some("delta fits the downtime budget");
+        }
+        if let Some(p) = prev {
+            if delta as f64 >= 0.9 * p as f64 {
+                return Some("delta stopped shrinking");
+            }
+        }
+        None
+    }
 }
 
 fn all_blobs(image: &images::ImageBlobs) -> usize {
@@ -234,15 +307,21 @@ fn all_blobs(image: &images::ImageBlobs) -> usize {
 /// real one; tests use a fake that fails at a chosen step.
 #[allow(async_fn_in_trait)]
 pub trait Destination {
-    /// Streams files to the destination.
-    async fn put_files(&mut self, mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError>;
+    /// Announces a round's manifests; the destination fetches the chunks it lacks.
+    async fn sync(&mut self, req: SyncRequest) -> Result<SyncReply, AgentError>;
     /// Asks the destination to restore; returns its reply (pid, phases).
     async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError>;
 }
 
 impl Destination for AgentClient<Channel> {
-    async fn put_files(&mut self, mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError> {
-        send_files(self, mid, files).await
+    async fn sync(&mut self, req: SyncRequest) -> Result<SyncReply, AgentError> {
+        AgentClient::sync(self, req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| AgentError::Peer {
+                step: Step::Transfer,
+                status,
+            })
     }
 
     async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError> {
@@ -256,15 +335,62 @@ impl Destination for AgentClient<Channel> {
     }
 }
 
+/// Where a round's chunks come from and go: this node's store and the endpoint the
+/// destination fetches them from.
+pub struct ChunkSide<'a> {
+    pub store: &'a std::sync::Arc<xfer_store::Store>,
+    pub endpoint: &'a str,
+}
+
+impl std::fmt::Debug for ChunkSide<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkSide")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+/// Chunks `files` into the store (on a blocking thread) and has the destination fetch
+/// what it lacks. Returns (publish time, the destination's reply).
+async fn publish_and_sync<D: Destination>(
+    chunks: &ChunkSide<'_>,
+    dst: &mut D,
+    mid: &str,
+    round: u32,
+    last: bool,
+    files: Vec<OutFile>,
+) -> Result<(std::time::Duration, crate::sync::Published, SyncReply), AgentError> {
+    let t = Instant::now();
+    let store = chunks.store.clone();
+    let lease = mid.to_string();
+    let (manifests, published) =
+        tokio::task::spawn_blocking(move || crate::sync::publish(&store, &lease, &files))
+            .await
+            .map_err(|e| AgentError::Refused(format!("chunking task: {e}")))??;
+    let chunk_time = t.elapsed();
+    let reply = dst
+        .sync(SyncRequest {
+            migration_id: mid.to_string(),
+            round,
+            r#final: last,
+            objects: manifests,
+            chunk_endpoint: chunks.endpoint.to_string(),
+        })
+        .await?;
+    Ok((chunk_time, published, reply))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_after_prepare(
     node: &Node,
     mid: &str,
     record: &xfer_runtime::containerd::ContainerRecord,
     missing: &[String],
+    policy: &RoundPolicy,
     peer: &mut AgentClient<Channel>,
     tx: &Events,
     phases: &mut Vec<PhaseTiming>,
+    rounds: &mut Vec<RoundReport>,
     out_dir: &std::path::Path,
 ) -> Result<(u64, u64, u32), (Step, AgentError)> {
     let rt = &node.rt;
@@ -311,22 +437,97 @@ async fn run_after_prepare(
     } else {
         emit(tx, &phase("image", t, 0), phases).await;
     }
-    let (downtime, wire, pid) = cutover(rt, peer, mid, record, out_dir, tx, phases).await?;
+
+    let chunks = ChunkSide {
+        store: &node.store,
+        endpoint: &node.cfg.advertise,
+    };
+    bytes_sent += precopy(
+        rt, peer, &chunks, mid, record, policy, out_dir, tx, phases, rounds,
+    )
+    .await?;
+    let (downtime, wire, pid) =
+        cutover(rt, peer, &chunks, mid, record, out_dir, tx, phases, rounds).await?;
     Ok((downtime, bytes_sent + wire, pid))
 }
 
-/// The cut-over: freeze, dump, writable-layer diff, transfer, restore at the
-/// destination, then remove the source copy. On any failure after the freeze the
-/// source task is thawed; the caller sends `Abort`. Returns (downtime in us, bytes
-/// on the wire, restored pid).
+/// Pre-copy rounds while the task runs; returns the bytes the destination fetched.
+#[allow(clippy::too_many_arguments)]
+pub async fn precopy<R: Runtime, D: Destination>(
+    rt: &R,
+    dst: &mut D,
+    chunks: &ChunkSide<'_>,
+    mid: &str,
+    record: &xfer_runtime::containerd::ContainerRecord,
+    policy: &RoundPolicy,
+    out_dir: &std::path::Path,
+    tx: &Events,
+    phases: &mut Vec<PhaseTiming>,
+    rounds: &mut Vec<RoundReport>,
+) -> Result<u64, (Step, AgentError)> {
+    let rt_step = |step: Step| move |source| (step, AgentError::Runtime { step, source });
+    let mut prev: Option<u64> = None;
+    let mut wire_total = 0;
+    for round in 1..=policy.max_rounds {
+        let dir = out_dir.join(format!("round-{round}"));
+        let t = Instant::now();
+        rt.checkpoint(&record.id, &dir.join("criu"), &dir.join("work"))
+            .await
+            .map_err(rt_step(Step::Checkpoint))?;
+        let dump_time = t.elapsed();
+        let dump_bytes = dir_size(&dir.join("criu"));
+        let files = criu_files(&dir.join("criu")).map_err(|e| (Step::Transfer, e))?;
+        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, false, files)
+            .await
+            .map_err(|e| (Step::Transfer, e))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        wire_total += reply.wire_bytes;
+        let rep = RoundReport {
+            round,
+            dump_micros: dump_time.as_micros() as u64,
+            chunk_micros: chunk_time.as_micros() as u64,
+            sync_micros: reply.fetch_micros,
+            dump_bytes,
+            delta_raw_bytes: reply.raw_bytes,
+            delta_wire_bytes: reply.wire_bytes,
+        };
+        emit(
+            tx,
+            &phase(&format!("precopy.{round}"), t, reply.wire_bytes),
+            phases,
+        )
+        .await;
+        let rate = if reply.fetch_micros > 0 {
+            reply.wire_bytes as f64 / (reply.fetch_micros as f64 / 1e6)
+        } else {
+            f64::INFINITY
+        };
+        rounds.push(rep);
+        if let Some(why) = policy.stop_after(round, reply.wire_bytes, rate, prev) {
+            info!(round, delta = reply.wire_bytes, why, "pre-copy done");
+            break;
+        }
+        prev = Some(reply.wire_bytes);
+    }
+    Ok(wire_total)
+}
+
+/// The cut-over: freeze, dump, writable-layer diff, final sync (the destination fetches
+/// the chunks it lacks and rebuilds the image directory), restore at the destination,
+/// then remove the source copy. On any failure after the freeze the source task is
+/// thawed; the caller sends `Abort`. Returns (downtime in us, bytes on the wire,
+/// restored pid).
+#[allow(clippy::too_many_arguments)]
 pub async fn cutover<R: Runtime, D: Destination>(
     rt: &R,
     dst: &mut D,
+    chunks: &ChunkSide<'_>,
     mid: &str,
     record: &xfer_runtime::containerd::ContainerRecord,
     out_dir: &std::path::Path,
     tx: &Events,
     phases: &mut Vec<PhaseTiming>,
+    rounds: &mut Vec<RoundReport>,
 ) -> Result<(u64, u64, u32), (Step, AgentError)> {
     let id = record.id.as_str();
     let rt_step = |step: Step| move |source| (step, AgentError::Runtime { step, source });
@@ -337,8 +538,8 @@ pub async fn cutover<R: Runtime, D: Destination>(
 
     let after_freeze = async {
         let t = Instant::now();
-        let criu_dir = out_dir.join("criu");
-        let work_dir = out_dir.join("work");
+        let criu_dir = out_dir.join("final").join("criu");
+        let work_dir = out_dir.join("final").join("work");
         rt.checkpoint(id, &criu_dir, &work_dir)
             .await
             .map_err(rt_step(Step::Checkpoint))?;
@@ -354,14 +555,16 @@ pub async fn cutover<R: Runtime, D: Destination>(
                 )),
             ));
         }
-        emit(tx, &phase("checkpoint", t, dir_size(&criu_dir)), phases).await;
+        let dump_time = t.elapsed();
+        let dump_bytes = dir_size(&criu_dir);
+        emit(tx, &phase("checkpoint", t, dump_bytes), phases).await;
 
         let t = Instant::now();
         let upper = rt
             .upper_dir(record)
             .await
             .map_err(rt_step(Step::RootfsDiff))?;
-        let diff_path = out_dir.join("rootfs.tar");
+        let diff_path = out_dir.join("final").join("rootfs.tar");
         let summary = {
             let (u, p) = (upper.clone(), diff_path.clone());
             tokio::task::spawn_blocking(move || xfer_runtime::rootfs::capture(&u, &p))
@@ -388,14 +591,23 @@ pub async fn cutover<R: Runtime, D: Destination>(
             name: "rootfs.tar".into(),
             path: diff_path,
         });
-        let sent = dst
-            .put_files(mid, files)
+        let round = rounds.len() as u32 + 1;
+        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, true, files)
             .await
             .map_err(|e| (Step::Transfer, e))?;
-        emit(tx, &phase("transfer", t, sent.wire_bytes), phases).await;
+        rounds.push(RoundReport {
+            round,
+            dump_micros: dump_time.as_micros() as u64,
+            chunk_micros: chunk_time.as_micros() as u64,
+            sync_micros: reply.fetch_micros + reply.rebuild_micros,
+            dump_bytes,
+            delta_raw_bytes: reply.raw_bytes,
+            delta_wire_bytes: reply.wire_bytes,
+        });
+        emit(tx, &phase("transfer", t, reply.wire_bytes), phases).await;
 
         let t = Instant::now();
-        let reply = dst
+        let restored = dst
             .restore(RestoreRequest {
                 migration_id: mid.to_string(),
                 container_id: id.to_string(),
@@ -408,10 +620,10 @@ pub async fn cutover<R: Runtime, D: Destination>(
             .await
             .map_err(|e| (Step::Restore, e))?;
         emit(tx, &phase("restore", t, 0), phases).await;
-        for p in &reply.phases {
+        for p in &restored.phases {
             emit(tx, p, phases).await;
         }
-        Ok::<_, (Step, AgentError)>((sent.wire_bytes, reply.pid))
+        Ok::<_, (Step, AgentError)>((reply.wire_bytes, restored.pid))
     }
     .await;
 
@@ -562,15 +774,16 @@ mod tests {
     }
 
     impl Destination for FakeDest {
-        async fn put_files(&mut self, _mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError> {
+        async fn sync(&mut self, req: SyncRequest) -> Result<SyncReply, AgentError> {
             if self.fail == Some("transfer") {
                 return Err(AgentError::Refused("link cut".into()));
             }
-            self.files.extend(files.iter().map(|f| f.name.clone()));
-            Ok(Sent {
-                files: files.len() as u64,
-                raw_bytes: 1,
+            let objects = crate::sync::decode_objects(&req.objects)?;
+            self.files.extend(objects.iter().map(|o| o.name.clone()));
+            Ok(SyncReply {
+                chunks: 1,
                 wire_bytes: 1,
+                ..Default::default()
             })
         }
         async fn restore(&mut self, _req: RestoreRequest) -> Result<RestoreReply, AgentError> {
@@ -601,9 +814,27 @@ mod tests {
         dst: &mut FakeDest,
     ) -> Result<(u64, u64, u32), (Step, AgentError)> {
         let out = tempfile::tempdir().expect("tmp");
+        let store =
+            std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
+        let chunks = ChunkSide {
+            store: &store,
+            endpoint: "http://127.0.0.1:1",
+        };
         let (tx, _rx) = mpsc::channel(64);
         let mut phases = Vec::new();
-        cutover(rt, dst, "m1", &record(), out.path(), &tx, &mut phases).await
+        let mut rounds = Vec::new();
+        cutover(
+            rt,
+            dst,
+            &chunks,
+            "m1",
+            &record(),
+            out.path(),
+            &tx,
+            &mut phases,
+            &mut rounds,
+        )
+        .await
     }
 
     fn fake_rt(fail: Option<&'static str>) -> (FakeRuntime, tempfile::TempDir) {
@@ -682,5 +913,55 @@ mod tests {
         let (step, _) = run_cutover(&rt, &mut dst).await.expect_err("must fail");
         assert_eq!(step, Step::Freeze);
         assert_eq!(rt.calls(), vec!["pause".to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn req(rounds: u32, budget: u32) -> MigrateRequest {
+        MigrateRequest {
+            max_rounds: rounds,
+            downtime_budget_ms: budget,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cold_runs_no_rounds_and_precopy_has_defaults() {
+        assert_eq!(
+            RoundPolicy::from_request(MigrationMode::Cold, &req(9, 0)).max_rounds,
+            0
+        );
+        let p = RoundPolicy::from_request(MigrationMode::Precopy, &req(0, 0));
+        assert_eq!(p.max_rounds, RoundPolicy::MAX_ROUNDS);
+        assert_eq!(p.budget.as_millis(), u128::from(RoundPolicy::BUDGET_MS));
+        assert_eq!(
+            RoundPolicy::from_request(MigrationMode::Precopy, &req(2, 50)).max_rounds,
+            2
+        );
+    }
+
+    #[test]
+    fn rounds_stop_for_the_documented_reasons() {
+        let p = RoundPolicy::from_request(MigrationMode::Precopy, &req(4, 100));
+        // 10 MB at 100 MB/s = 100 ms: fits.
+        assert_eq!(
+            p.stop_after(1, 10_000_000, 100e6, None),
+            Some("delta fits the downtime budget")
+        );
+        // 100 MB at 100 MB/s = 1 s, first round: go on.
+        assert_eq!(p.stop_after(1, 100_000_000, 100e6, None), None);
+        // Shrinking well: go on; not shrinking: stop.
+        assert_eq!(p.stop_after(2, 50_000_000, 100e6, Some(100_000_000)), None);
+        assert_eq!(
+            p.stop_after(2, 95_000_000, 100e6, Some(100_000_000)),
+            Some("delta stopped shrinking")
+        );
+        assert_eq!(
+            p.stop_after(4, 50_000_000, 100e6, Some(100_000_000)),
+            Some("round limit")
+        );
     }
 }

@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub work_dir: PathBuf,
     /// This node's TLS files, used as a client when it calls other agents.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// This node's agent endpoint as peers reach it (they fetch chunks from it).
+    pub advertise: String,
     /// Where containers with their own address get their namespace (host namespace
     /// and bridge); `None`: such containers are refused here.
     pub container_net: Option<crate::netctl::ContainerNet>,
@@ -51,6 +53,9 @@ struct Inbound {
     lease: Option<xfer_runtime::image::Lease>,
     /// Top chain id once the image is unpacked here (before the source freezes).
     chain_id: Option<String>,
+    /// The fetcher of this migration: one connection to the source, and what it
+    /// measured of it, kept across rounds.
+    fetcher: Option<Arc<crate::chunks::Fetcher<xfer_store::Store>>>,
 }
 
 /// One node's agent.
@@ -59,6 +64,8 @@ pub struct Node {
     pub(crate) cfg: Arc<NodeConfig>,
     pub(crate) rt: Containerd,
     pub(crate) criu: Arc<CriuFacts>,
+    /// This node's chunk store (served to peers through the Chunks service).
+    pub(crate) store: Arc<xfer_store::Store>,
     inbound: Arc<Mutex<HashMap<String, Inbound>>>,
 }
 
@@ -99,10 +106,12 @@ impl Node {
         for sub in ["in", "out"] {
             let _ = std::fs::remove_dir_all(cfg.work_dir.join(sub));
         }
+        let store = crate::sync::open_store(&cfg.work_dir.join("store"))?;
         Ok(Self {
             cfg: Arc::new(cfg),
             rt,
             criu: Arc::new(criu),
+            store,
             inbound: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -124,7 +133,106 @@ impl Node {
         if let Some(l) = inb.lease {
             images::end_lease(&self.rt, l).await;
         }
+        let _ = self.store.release(migration_id);
         let _ = std::fs::remove_dir_all(&inb.dir);
+    }
+
+    /// The chunk store.
+    pub fn store(&self) -> &Arc<xfer_store::Store> {
+        &self.store
+    }
+
+    /// A chunk peer for another agent's endpoint, over mutual TLS when configured.
+    async fn chunk_peer(
+        &self,
+        endpoint: &str,
+    ) -> Result<Arc<dyn crate::chunks::ChunkPeer>, AgentError> {
+        let conn_err = |source| AgentError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(conn_err)?
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(t) = &self.cfg.tls {
+            ep = ep.tls_config(t.client_config()?).map_err(conn_err)?;
+        }
+        let ch = ep.connect().await.map_err(conn_err)?;
+        Ok(Arc::new(crate::chunks::GrpcPeer::new(endpoint, ch)))
+    }
+
+    async fn sync_inner(&self, r: SyncRequest) -> Result<SyncReply, AgentError> {
+        let (dir, fetcher) = {
+            let map = self.inbound.lock().await;
+            let inb = map.get(&r.migration_id).ok_or_else(|| {
+                AgentError::Refused(format!("no migration {} prepared here", r.migration_id))
+            })?;
+            (inb.dir.clone(), inb.fetcher.clone())
+        };
+        let objects = crate::sync::decode_objects(&r.objects)?;
+        let ids = crate::sync::chunk_ids(&objects);
+        let store = self.store.clone();
+        store
+            .lease_add(&r.migration_id, crate::sync::LEASE_TTL, &ids)
+            .map_err(|source| AgentError::Store {
+                what: "lease chunks".into(),
+                source,
+            })?;
+        let missing = store.missing(&ids);
+        let t = Instant::now();
+        let report = if missing.is_empty() {
+            crate::chunks::FetchReport::default()
+        } else {
+            let fetcher = match fetcher {
+                Some(f) => f,
+                None => {
+                    let peer = self.chunk_peer(&r.chunk_endpoint).await?;
+                    let f = Arc::new(crate::chunks::Fetcher::new(store.clone(), "source", peer));
+                    if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
+                        inb.fetcher = Some(f.clone());
+                    }
+                    f
+                }
+            };
+            let wants: Vec<crate::chunks::Want> = missing
+                .iter()
+                .map(|id| crate::chunks::Want::from_fallback(*id))
+                .collect();
+            fetcher.fetch(&wants).await.map_err(AgentError::Fetch)?
+        };
+        let fetch_micros = t.elapsed().as_micros() as u64;
+        let mut rebuild_micros = 0;
+        if r.r#final {
+            let t = Instant::now();
+            let (st, d, objs) = (store.clone(), dir.clone(), objects.clone());
+            let built = tokio::task::spawn_blocking(move || crate::sync::rebuild(&st, &d, &objs))
+                .await
+                .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
+            rebuild_micros = t.elapsed().as_micros() as u64;
+            let files: Vec<InFile> = built
+                .into_iter()
+                .zip(&objects)
+                .map(|((kind, path, size), o)| InFile {
+                    kind,
+                    name: o.name.clone(),
+                    path,
+                    size,
+                    digest: o.manifest.digest(),
+                })
+                .collect();
+            if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
+                inb.files.retain(|f| f.kind == FileKind::ImageBlob);
+                inb.files.extend(files);
+            }
+        }
+        Ok(SyncReply {
+            chunks: report.fetched,
+            wire_bytes: report.wire_bytes,
+            raw_bytes: report.raw_bytes,
+            fetch_micros,
+            rebuild_micros,
+            report_json: serde_json::to_string(&report).unwrap_or_default(),
+        })
     }
 
     async fn unpack_inbound(&self, mid: &str) -> Result<(), Status> {
@@ -445,9 +553,9 @@ impl Agent for Node {
         xfer_proto::check_version(r.version).map_err(|e| AgentError::Decode(e).to_status())?;
         let mode =
             xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
-        if mode != MigrationMode::Cold {
+        if !matches!(mode, MigrationMode::Cold | MigrationMode::Precopy) {
             return Err(Status::unimplemented(format!(
-                "mode {mode:?} is not implemented yet; use --mode cold"
+                "mode {mode:?} is not implemented yet; use --mode precopy or cold"
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(32);
@@ -537,6 +645,7 @@ impl Agent for Node {
                 inject_failure: r.inject_failure,
                 lease: Some(lease),
                 chain_id: None,
+                fetcher: None,
             },
         );
         if missing.is_empty() {
@@ -623,6 +732,25 @@ impl Agent for Node {
             files: n,
             bytes: wire,
         }))
+    }
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        let r = req.into_inner();
+        let span =
+            info_span!("sync", migration = %r.migration_id, round = r.round, last = r.r#final);
+        let reply = self
+            .sync_inner(r)
+            .instrument(span)
+            .await
+            .map_err(|e| e.to_status())?;
+        info!(
+            chunks = reply.chunks,
+            wire = reply.wire_bytes,
+            fetch_ms = reply.fetch_micros as f64 / 1000.0,
+            rebuild_ms = reply.rebuild_micros as f64 / 1000.0,
+            "round synced"
+        );
+        Ok(Response::new(reply))
     }
 
     async fn restore(

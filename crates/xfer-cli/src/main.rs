@@ -86,9 +86,16 @@ enum Cmd {
         /// Destination host (lab name or endpoint).
         #[arg(long)]
         to: String,
-        /// cold | precopy | postcopy | hybrid | auto (only cold is implemented).
-        #[arg(long, default_value = "cold")]
+        /// precopy (live: rounds while it runs, then a short cut-over) | cold
+        /// (stop-and-copy); postcopy, hybrid and auto are not implemented yet.
+        #[arg(long, default_value = "precopy")]
         mode: Mode,
+        /// Most pre-copy rounds (default 4).
+        #[arg(long, default_value_t = 0)]
+        max_rounds: u32,
+        /// Cut over once a round's delta would travel within this many ms (default 100).
+        #[arg(long, default_value_t = 0)]
+        budget_ms: u32,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -266,16 +273,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             to,
             mode,
+            max_rounds,
+            budget_ms,
             json,
             inject_failure,
         } => {
+            let opts = xfer_agent::client::MigrateOptions {
+                mode,
+                max_rounds,
+                downtime_budget_ms: budget_ms,
+                inject_failure,
+            };
             let dst = target(&g, &to)?.endpoint;
             let mut c = connect(&g, &from).await?;
             if !json {
                 println!("migrating {container}: {from} -> {to} ({mode:?})");
             }
             let report = c
-                .migrate_with(&container, &dst, mode, &inject_failure, |p| {
+                .migrate_opts(&container, &dst, &opts, |p| {
                     if !json {
                         println!(
                             "  {:<16} {:>9.1} ms {:>12} bytes",
@@ -306,9 +321,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "restored_pid": report.restored_pid,
                     "image_blobs_sent": report.image_blobs_sent,
                     "image_blobs_skipped": report.image_blobs_skipped,
+                    "rounds": report.rounds.iter().map(|r| serde_json::json!({
+                        "round": r.round,
+                        "dump_ms": r.dump_micros as f64 / 1000.0,
+                        "chunk_ms": r.chunk_micros as f64 / 1000.0,
+                        "sync_ms": r.sync_micros as f64 / 1000.0,
+                        "dump_bytes": r.dump_bytes,
+                        "delta_raw_bytes": r.delta_raw_bytes,
+                        "delta_wire_bytes": r.delta_wire_bytes,
+                    })).collect::<Vec<_>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                for r in &report.rounds {
+                    println!(
+                        "  round {:<2} dump {:>7.1} ms ({:>10} B)  chunk {:>7.1} ms  fetch {:>7.1} ms  delta {:>10} B raw, {:>10} B on the wire",
+                        r.round,
+                        r.dump_micros as f64 / 1000.0,
+                        r.dump_bytes,
+                        r.chunk_micros as f64 / 1000.0,
+                        r.sync_micros as f64 / 1000.0,
+                        r.delta_raw_bytes,
+                        r.delta_wire_bytes
+                    );
+                }
                 println!(
                     "done: total {:.1} ms, downtime {:.1} ms, {} bytes on the wire, image blobs sent {} / skipped {}, restored pid {}",
                     report.total_micros as f64 / 1000.0,

@@ -97,7 +97,7 @@ impl LabHost {
             snapshotter: "overlayfs".into(),
             netns: Some(xfer_net::netns_path(&self.netns)),
             log_dir: self.dir.join("logs"),
-            criu_config: Some(self.dir.join("work").join("criu-runc.conf")),
+            criu_config: Some(work_dir(&self.dir, &self.name).join("criu-runc.conf")),
         }
     }
 }
@@ -187,6 +187,25 @@ fn host_addr(subnet: Ipv4Addr, last: u8) -> Ipv4Addr {
 
 fn lab_dir(prefix: &str) -> PathBuf {
     Path::new(LAB_ROOT).join(prefix)
+}
+
+/// Where labs keep what must be fast: checkpoints and chunk stores (tmpfs).
+pub const LAB_SCRATCH: &str = "/dev/shm/xfer-lab";
+
+fn scratch_dir(prefix: &str) -> PathBuf {
+    Path::new(LAB_SCRATCH).join(prefix)
+}
+
+/// A host's agent work directory (checkpoints, incoming state, chunk store): on tmpfs,
+/// so dumps and restores are not slowed by the disk. `host_dir` is
+/// `/var/lib/xfer-lab/P/hN`.
+fn work_dir(host_dir: &Path, host: &str) -> PathBuf {
+    let prefix = host_dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    scratch_dir(&prefix).join(host)
 }
 
 fn state_file(prefix: &str) -> PathBuf {
@@ -501,7 +520,7 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             .arg("--netns")
             .arg(xfer_net::netns_path(&netns))
             .arg("--work-dir")
-            .arg(hdir.join("work"))
+            .arg(work_dir(&hdir, &name))
             .arg("--log-dir")
             .arg(&logs)
             .arg("--tls-dir")
@@ -644,14 +663,17 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
     rep.killed = pids;
     // Mounts (container rootfs, shm) and directories.
     let dir = lab_dir(prefix);
-    match xfer_runtime::daemon::cleanup_paths(&[&dir]) {
+    let scratch = scratch_dir(prefix);
+    match xfer_runtime::daemon::cleanup_paths(&[&dir, &scratch]) {
         Ok(r) => rep.mounts = r.unmounted.len(),
         Err(e) => warn!(error = %e, "cleaning lab directories"),
     }
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&dir);
+    for d in [dir, scratch] {
+        if d.exists() {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+        rep.dirs.push(d);
     }
-    rep.dirs.push(dir);
     // runc state and cgroups of the lab's containerd namespaces.
     let ctr_prefix = format!("xfer-{prefix}-");
     if let Ok(rd) = std::fs::read_dir("/run/containerd/runc") {

@@ -1,33 +1,80 @@
 //! `xfer-store`: content addressing for everything xfer moves.
 //!
-//! Today it holds the two primitives every transfer uses: a BLAKE3 [`Digest`] of
-//! uncompressed bytes, and zstd [`frame`]s with a bounded decoded size, so a peer
-//! cannot make a receiver allocate without limit. Synchronous; no tokio.
+//! Everything that travels between agents becomes *chunks*: byte strings named by the
+//! BLAKE3 [`Digest`] of their uncompressed bytes, carried and kept as one zstd
+//! [`frame`] each. This crate is synchronous (no tokio): the network layer drives it
+//! from blocking tasks.
+//!
+//! # Map
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`Digest`], [`Hasher`] | BLAKE3 of uncompressed bytes (chunk ids, whole-object digests) |
+//! | [`frame`] | one bounded zstd frame (level [`ZSTD_LEVEL`], at most [`MAX_FRAME`] decoded) |
+//! | [`chunk`] | splitting: 4 KiB pages with zero pages carried without data ([`chunk::PAGE_SIZE`]); FastCDC for files and tar streams ([`chunk::CdcParams`]) |
+//! | [`manifest`] | an object = ordered chunk list + whole-object digest; versioned binary encoding; [`Manifest::rebuild`] |
+//! | [`store`] | the on-disk store: one compressed file per chunk, atomic writes, verify on read, quarantine, in-memory index, leases, GC |
+//! | [`pipeline`] | the sender's helper: file -> manifest + the compressed chunks a peer lacks, on 2 threads |
+//!
+//! # How the pieces fit (sender S, receiver D)
+//!
+//! ```no_run
+//! # fn main() -> Result<(), xfer_store::StoreError> {
+//! use std::collections::HashSet;
+//! use std::time::Duration;
+//! use xfer_store::{Manifest, ObjectKind, Pipeline, Store};
+//!
+//! // S: chunk a CRIU page image; keep what D (per its has-set) lacks.
+//! let d_has: HashSet<xfer_store::Digest> = HashSet::new(); // from the have/want exchange
+//! let mut to_send = Vec::new();
+//! let out = Pipeline::new().run_file(
+//!     "/tmp/dump/pages-1.img".as_ref(),
+//!     ObjectKind::MemoryPages,
+//!     &d_has,
+//!     |c| -> Result<(), xfer_store::StoreError> { to_send.push(c); Ok(()) },
+//! )?;
+//! let manifest_bytes = out.manifest.encode();
+//!
+//! // D: protect the object's chunks first, then store what arrives, then rebuild.
+//! let store = Store::open("/var/lib/xfer/store")?;
+//! let manifest = Manifest::decode(&manifest_bytes)?;
+//! let ids: Vec<_> = manifest.chunk_ids().collect();
+//! store.lease("migration-42", Duration::from_secs(600), &ids)?;
+//! let mut batch = store.batch();
+//! for c in &to_send {
+//!     batch.put_compressed(c.id, &c.frame, c.raw_len)?; // verified before it is kept
+//! }
+//! batch.commit()?;
+//! manifest.rebuild_file(&store, "/tmp/restore/pages-1.img".as_ref())?;
+//! store.release("migration-42")?;
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
+
+pub mod chunk;
+mod error;
+pub mod frame;
+pub mod manifest;
+pub mod pipeline;
+pub mod store;
+mod sys;
+
+pub use error::{ManifestError, StoreError};
+pub use manifest::{ChunkRef, Manifest, ObjectKind};
+pub use pipeline::{ChunkSet, CompressedChunk, FnSet, Pipeline, PipelineOutput};
+pub use store::{Batch, GcPolicy, GcReport, LeaseInfo, Stats, Store};
 
 /// Largest decoded size of one frame (8 MiB); frames are written at most this big.
 pub const MAX_FRAME: usize = 8 << 20;
 
+/// Largest chunk the store, manifests and the wire accept (= [`MAX_FRAME`]): every
+/// chunk travels as one frame. The chunkers produce far smaller ones (4 KiB pages,
+/// CDC at most [`chunk::CdcParams::DEFAULT`]`.max`).
+pub const MAX_CHUNK: usize = MAX_FRAME;
+
 /// zstd level used on the wire: fast (level 1 runs at >1 GB/s on page data here).
 pub const ZSTD_LEVEL: i32 = 1;
-
-/// What went wrong in the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A frame did not decompress.
-    #[error("decompress frame")]
-    Decompress(#[source] std::io::Error),
-    /// A frame decoded to another size than announced, or too large.
-    #[error("frame decodes to {got} bytes, expected {want} (limit {MAX_FRAME})")]
-    FrameSize { got: usize, want: usize },
-    /// A frame did not compress.
-    #[error("compress frame")]
-    Compress(#[source] std::io::Error),
-    /// A digest was not 32 bytes.
-    #[error("digest has {0} bytes, expected 32")]
-    ParseDigest(usize),
-}
 
 /// BLAKE3 digest of uncompressed bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,9 +92,27 @@ impl Digest {
         Ok(Digest(arr))
     }
 
+    /// Parses 64 hex digits (either case), as in store file names.
+    pub fn from_hex(s: &str) -> Result<Self, StoreError> {
+        let mut arr = [0u8; 32];
+        hex::decode_to_slice(s, &mut arr).map_err(|_| StoreError::ParseDigest(s.len() / 2))?;
+        Ok(Digest(arr))
+    }
+
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+
+    /// The 32 raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Digest {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -82,64 +147,9 @@ impl Hasher {
     }
 }
 
-/// zstd frames with a bounded decoded size.
-pub mod frame {
-    use super::*;
-
-    /// Compresses `data` (at most [`MAX_FRAME`] bytes) into one zstd frame.
-    pub fn encode(data: &[u8]) -> Result<Vec<u8>, StoreError> {
-        if data.len() > MAX_FRAME {
-            return Err(StoreError::FrameSize {
-                got: data.len(),
-                want: MAX_FRAME,
-            });
-        }
-        zstd::bulk::compress(data, ZSTD_LEVEL).map_err(StoreError::Compress)
-    }
-
-    /// Decompresses a frame that must decode to exactly `raw_len` bytes.
-    pub fn decode(frame: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
-        if raw_len > MAX_FRAME {
-            return Err(StoreError::FrameSize {
-                got: raw_len,
-                want: MAX_FRAME,
-            });
-        }
-        let out = zstd::bulk::decompress(frame, raw_len).map_err(StoreError::Decompress)?;
-        if out.len() != raw_len {
-            return Err(StoreError::FrameSize {
-                got: out.len(),
-                want: raw_len,
-            });
-        }
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn frames_round_trip(data in proptest::collection::vec(any::<u8>(), 0..70_000)) {
-            let f = frame::encode(&data).expect("encode");
-            prop_assert_eq!(frame::decode(&f, data.len()).expect("decode"), data);
-        }
-
-        #[test]
-        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512), n in 0usize..4096) {
-            let _ = frame::decode(&data, n);
-        }
-    }
-
-    #[test]
-    fn wrong_length_is_rejected() {
-        let f = frame::encode(b"hello world").expect("encode");
-        assert!(frame::decode(&f, 5).is_err());
-        assert!(frame::decode(&f, MAX_FRAME + 1).is_err());
-    }
 
     #[test]
     fn incremental_digest_matches_one_shot() {
@@ -149,5 +159,13 @@ mod tests {
         assert_eq!(h.finish(), Digest::of(b"hello world"));
         assert_ne!(Digest::of(b"a"), Digest::of(b"b"));
         assert!(Digest::from_slice(&[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let d = Digest::of(b"x");
+        assert_eq!(Digest::from_hex(&d.to_hex()).expect("hex"), d);
+        assert!(Digest::from_hex("zz").is_err());
+        assert!(Digest::from_hex(&d.to_hex()[..62]).is_err());
     }
 }

@@ -42,6 +42,10 @@ struct Args {
     /// Name of this node's certificate files in --tls-dir (default: the node name).
     #[arg(long)]
     tls_name: Option<String>,
+    /// The endpoint peers use to reach this agent (they fetch chunks from it).
+    /// Default: https://LISTEN (http:// with --insecure).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Bridge in the host's network namespace (--netns) that containers with their own
     /// address are attached to.
     #[arg(long, requires = "netns")]
@@ -84,6 +88,10 @@ async fn run() -> anyhow::Result<()> {
         },
         work_dir: args.work_dir.clone(),
         container_net: None,
+        advertise: args.advertise.clone().unwrap_or_else(|| {
+            let scheme = if args.insecure { "http" } else { "https" };
+            format!("{scheme}://{}", args.listen)
+        }),
         tls: args.tls_dir.as_ref().map(|d| {
             xfer_agent::tls::TlsFiles::in_dir(d, args.tls_name.as_deref().unwrap_or(&args.node))
         }),

@@ -1,0 +1,260 @@
+//! Content-addressed state transfer between agents.
+//!
+//! The source turns every object of a round (each file of a CRIU image directory, and
+//! in the final round the writable-layer diff) into chunks in its store: 4 KiB pages
+//! for `pages-*.img` (zero pages carried without data), content-defined chunks for the
+//! rest. It sends the destination only the manifests (`Sync`); the destination asks
+//! its own store which chunks it lacks and fetches those from the source's `Chunks`
+//! service (the fallback source; neighbours can be added as candidates). Chunks a
+//! destination got in an earlier round are never sent again, which is what makes
+//! pre-copy rounds shrink the cut-over: only pages that changed since the last round
+//! travel while the task is frozen. In the final round the destination rebuilds each
+//! file byte for byte from its manifest and checks the whole-object BLAKE3.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use xfer_proto::v1::{FileKind, ObjectManifest};
+use xfer_store::manifest::{Manifest, ObjectKind};
+use xfer_store::pipeline::Pipeline;
+use xfer_store::{Digest, Store};
+
+use crate::error::AgentError;
+use crate::transfer::OutFile;
+
+/// How long chunks of an in-flight migration are leased (renewed every round).
+pub const LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// What publishing a round cost and produced.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Published {
+    /// Bytes of the objects.
+    pub raw_bytes: u64,
+    /// Chunks new to this store, and their compressed bytes.
+    pub new_chunks: u64,
+    pub new_frame_bytes: u64,
+}
+
+/// Which chunking an object gets.
+pub fn object_kind(kind: FileKind, name: &str) -> ObjectKind {
+    if kind == FileKind::CriuImage && name.starts_with("pages-") && name.ends_with(".img") {
+        ObjectKind::MemoryPages
+    } else if kind == FileKind::RootfsDiff {
+        ObjectKind::Tar
+    } else {
+        ObjectKind::File
+    }
+}
+
+fn store_err(what: &str) -> impl FnOnce(xfer_store::StoreError) -> AgentError + '_ {
+    move |source| AgentError::Store {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Chunks `files` into `store` (blocking; call from a blocking thread) and leases
+/// every chunk they reference under `lease`. Returns their manifests.
+pub fn publish(
+    store: &Store,
+    lease: &str,
+    files: &[OutFile],
+) -> Result<(Vec<ObjectManifest>, Published), AgentError> {
+    let pipeline = Pipeline::new();
+    let mut out = Vec::with_capacity(files.len());
+    let mut stats = Published::default();
+    let mut ids: Vec<Digest> = Vec::new();
+    for f in files {
+        let kind = object_kind(f.kind, &f.name);
+        let mode = std::fs::metadata(&f.path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+            .unwrap_or(0o600);
+        let mut batch = store.batch();
+        let res = pipeline.run_file(&f.path, kind, store, |c| {
+            batch.put_compressed(c.id, &c.frame, c.raw_len)?;
+            Ok::<_, xfer_store::StoreError>(())
+        });
+        let res = res.map_err(store_err("chunk a file"))?;
+        batch.commit().map_err(store_err("commit chunks"))?;
+        stats.raw_bytes += res.manifest.length();
+        stats.new_chunks += res.new_chunks;
+        stats.new_frame_bytes += res.new_frame_bytes;
+        ids.extend(res.manifest.chunk_ids());
+        out.push(ObjectManifest {
+            kind: f.kind as i32,
+            name: f.name.clone(),
+            manifest: res.manifest.encode(),
+            mode,
+        });
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    store
+        .lease_add(lease, LEASE_TTL, &ids)
+        .map_err(store_err("lease chunks"))?;
+    Ok((out, stats))
+}
+
+/// A decoded manifest with where its file goes.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub kind: FileKind,
+    pub name: String,
+    pub manifest: Manifest,
+    pub mode: u32,
+}
+
+/// Decodes and checks the manifests of a `Sync` request (bytes from the network).
+pub fn decode_objects(objects: &[ObjectManifest]) -> Result<Vec<Incoming>, AgentError> {
+    objects
+        .iter()
+        .map(|o| {
+            let kind = xfer_proto::require_file_kind(o.kind).map_err(AgentError::Decode)?;
+            if kind == FileKind::ImageBlob {
+                return Err(AgentError::BadChunk(
+                    "image blobs do not travel as manifests".into(),
+                ));
+            }
+            crate::transfer::place(Path::new("/"), kind, &o.name)?;
+            let manifest = Manifest::decode(&o.manifest)
+                .map_err(|e| AgentError::BadChunk(format!("manifest of {}: {e}", o.name)))?;
+            Ok(Incoming {
+                kind,
+                name: o.name.clone(),
+                manifest,
+                mode: o.mode,
+            })
+        })
+        .collect()
+}
+
+/// Rebuilds every object into `dir` (CRIU images under `criu/`, the diff as
+/// `rootfs.tar`), verifying each whole-object digest. Blocking.
+pub fn rebuild(
+    store: &Store,
+    dir: &Path,
+    objects: &[Incoming],
+) -> Result<Vec<(FileKind, PathBuf, u64)>, AgentError> {
+    let mut out = Vec::new();
+    for o in objects {
+        let path = crate::transfer::place(dir, o.kind, &o.name)?;
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).map_err(|source| AgentError::WriteFile {
+                path: p.to_path_buf(),
+                source,
+            })?;
+        }
+        let n = o
+            .manifest
+            .rebuild_file(store, &path)
+            .map_err(store_err("rebuild a file"))?;
+        if o.mode != 0 {
+            let _ = std::fs::set_permissions(
+                &path,
+                std::os::unix::fs::PermissionsExt::from_mode(o.mode & 0o777),
+            );
+        }
+        out.push((o.kind, path, n));
+    }
+    Ok(out)
+}
+
+/// The distinct chunk ids the objects reference (zero pages excluded).
+pub fn chunk_ids(objects: &[Incoming]) -> Vec<Digest> {
+    let mut ids: Vec<Digest> = objects
+        .iter()
+        .flat_map(|o| o.manifest.chunk_ids())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Opens the store of a node.
+pub fn open_store(dir: &Path) -> Result<Arc<Store>, AgentError> {
+    Store::open(dir)
+        .map(Arc::new)
+        .map_err(store_err("open the chunk store"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_round_trip_through_two_stores() {
+        let t = tempfile::tempdir().expect("tmp");
+        let src = Store::open(t.path().join("a")).expect("store a");
+        let dst = Store::open(t.path().join("b")).expect("store b");
+        let files_dir = t.path().join("files");
+        std::fs::create_dir_all(&files_dir).expect("mkdir");
+        let mut pages = vec![0u8; 4096 * 64];
+        for (i, b) in pages.iter_mut().enumerate().skip(4096 * 10) {
+            *b = (i % 251) as u8;
+        }
+        std::fs::write(files_dir.join("pages-1.img"), &pages).expect("write");
+        std::fs::write(files_dir.join("core-1.img"), b"core").expect("write");
+        let files = vec![
+            OutFile {
+                kind: FileKind::CriuImage,
+                name: "pages-1.img".into(),
+                path: files_dir.join("pages-1.img"),
+            },
+            OutFile {
+                kind: FileKind::CriuImage,
+                name: "core-1.img".into(),
+                path: files_dir.join("core-1.img"),
+            },
+        ];
+        let (manifests, stats) = publish(&src, "m1", &files).expect("publish");
+        assert_eq!(stats.raw_bytes, pages.len() as u64 + 4);
+        let incoming = decode_objects(&manifests).expect("decode");
+        let ids = chunk_ids(&incoming);
+        // Copy what the destination lacks, as the fetcher would.
+        for id in dst.missing(&ids) {
+            let (frame, raw) = src.get_compressed(&id).expect("get");
+            dst.put_compressed(id, &frame, raw).expect("put");
+        }
+        let out = t.path().join("out");
+        rebuild(&dst, &out, &incoming).expect("rebuild");
+        assert_eq!(
+            std::fs::read(out.join("criu/pages-1.img")).expect("read"),
+            pages
+        );
+        assert_eq!(
+            std::fs::read(out.join("criu/core-1.img")).expect("read"),
+            b"core"
+        );
+        // A second round with one page changed publishes only that page.
+        pages[4096 * 20] ^= 0xff;
+        std::fs::write(files_dir.join("pages-1.img"), &pages).expect("write");
+        let (_, stats2) = publish(&src, "m1", &files[..1]).expect("publish 2");
+        assert_eq!(stats2.new_chunks, 1);
+    }
+
+    #[test]
+    fn malformed_manifests_are_refused() {
+        let bad = vec![ObjectManifest {
+            kind: FileKind::CriuImage as i32,
+            name: "x.img".into(),
+            manifest: vec![1, 2, 3],
+            mode: 0,
+        }];
+        assert!(decode_objects(&bad).is_err());
+        let unnamed = vec![ObjectManifest {
+            kind: FileKind::CriuImage as i32,
+            name: "../x".into(),
+            manifest: Vec::new(),
+            mode: 0,
+        }];
+        assert!(decode_objects(&unnamed).is_err());
+        let unspecified = vec![ObjectManifest {
+            kind: 0,
+            name: "x".into(),
+            manifest: Vec::new(),
+            mode: 0,
+        }];
+        assert!(decode_objects(&unspecified).is_err());
+    }
+}

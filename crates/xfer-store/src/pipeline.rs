@@ -1,0 +1,597 @@
+//! The sender's chunk pipeline: an object in, its [`Manifest`] and the compressed
+//! chunks a peer lacks out.
+//!
+//! For every chunk it detects zero chunks, hashes the rest (BLAKE3), looks the id up in
+//! the caller's has-set (what the destination already holds, the previous round's
+//! chunks, ...) and in the ids already emitted for this object, and compresses only
+//! chunks that are new. The calling thread reads the input, cuts it (pages or FastCDC)
+//! and hashes the whole object; `threads` workers (default 2: this project's machines
+//! have 2 cores) do the per-chunk work on 4 MiB batches. New chunks reach the sink in
+//! object order, on the calling thread, as they are ready, so the network layer can
+//! stream them while the rest of the object is still being chunked.
+//!
+//! Measured throughput is in `examples/bench_pipeline.rs` (see the crate README in
+//! the module docs of [`crate::chunk`] and the report printed by the example).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::hash::BuildHasher;
+use std::io::Read;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+use crate::chunk::{cdc_cut, is_zero, zero_digest, CdcParams, PAGE_SIZE};
+use crate::frame::Encoder;
+use crate::{ChunkRef, Digest, Hasher, Manifest, ObjectKind, Store, StoreError};
+
+/// A set of chunk ids the pipeline may skip ("the peer has these").
+pub trait ChunkSet: Sync {
+    /// Whether `id` is in the set.
+    fn contains(&self, id: &Digest) -> bool;
+}
+
+impl<S: BuildHasher + Sync> ChunkSet for HashSet<Digest, S> {
+    fn contains(&self, id: &Digest) -> bool {
+        HashSet::contains(self, id)
+    }
+}
+
+impl ChunkSet for BTreeSet<Digest> {
+    fn contains(&self, id: &Digest) -> bool {
+        BTreeSet::contains(self, id)
+    }
+}
+
+/// The store's index: skip what this store holds.
+impl ChunkSet for Store {
+    fn contains(&self, id: &Digest) -> bool {
+        self.has(id)
+    }
+}
+
+/// The empty set: every chunk is new.
+impl ChunkSet for () {
+    fn contains(&self, _: &Digest) -> bool {
+        false
+    }
+}
+
+/// The union of two sets.
+impl<A: ChunkSet, B: ChunkSet> ChunkSet for (A, B) {
+    fn contains(&self, id: &Digest) -> bool {
+        self.0.contains(id) || self.1.contains(id)
+    }
+}
+
+impl<T: ChunkSet + ?Sized> ChunkSet for &T {
+    fn contains(&self, id: &Digest) -> bool {
+        (**self).contains(id)
+    }
+}
+
+/// A predicate as a [`ChunkSet`].
+#[derive(Debug, Clone, Copy)]
+pub struct FnSet<F>(pub F);
+
+impl<F: Fn(&Digest) -> bool + Sync> ChunkSet for FnSet<F> {
+    fn contains(&self, id: &Digest) -> bool {
+        (self.0)(id)
+    }
+}
+
+/// One chunk, compressed as it is stored and sent: a zstd frame that decodes to
+/// `raw_len` bytes hashing to `id`. [`Store::put_compressed`] takes it as is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CompressedChunk {
+    /// BLAKE3 of the decoded bytes.
+    pub id: Digest,
+    /// Decoded length.
+    pub raw_len: usize,
+    /// One zstd frame.
+    pub frame: Vec<u8>,
+}
+
+impl std::fmt::Debug for CompressedChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompressedChunk")
+            .field("id", &self.id)
+            .field("raw_len", &self.raw_len)
+            .field("frame_len", &self.frame.len())
+            .finish()
+    }
+}
+
+/// What a pipeline run produced besides the chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineOutput {
+    /// The object's manifest.
+    pub manifest: Manifest,
+    /// Chunks handed to the sink.
+    pub new_chunks: u64,
+    /// Their decoded bytes.
+    pub new_raw_bytes: u64,
+    /// Their compressed bytes.
+    pub new_frame_bytes: u64,
+    /// Bytes in zero chunks (carried without data).
+    pub zero_bytes: u64,
+    /// Bytes in chunks the has-set had or that occurred earlier in the object.
+    pub dup_bytes: u64,
+}
+
+/// Configuration of the chunk pipeline. `Pipeline::new()` = 2 worker threads, 4 MiB
+/// batches, [`CdcParams::DEFAULT`].
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    threads: usize,
+    batch_bytes: usize,
+    cdc: CdcParams,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline {
+            threads: 2,
+            batch_bytes: 4 << 20,
+            cdc: CdcParams::DEFAULT,
+        }
+    }
+}
+
+struct Job {
+    seq: u64,
+    buf: Vec<u8>,
+    /// Chunk end offsets in `buf`; chunks start at 0 and follow each other.
+    cuts: Vec<usize>,
+}
+
+#[derive(Default)]
+struct Done {
+    seq: u64,
+    buf: Vec<u8>,
+    entries: Vec<ChunkRef>,
+    chunks: Vec<CompressedChunk>,
+    zero_bytes: u64,
+    dup_bytes: u64,
+}
+
+const SHARDS: usize = 16;
+
+impl Pipeline {
+    /// The default configuration.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Worker threads for hashing and compression (at least 1).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n.max(1);
+        self
+    }
+
+    /// Bytes per batch handed to a worker (rounded up to whole pages; at least 64 KiB).
+    pub fn batch_bytes(mut self, n: usize) -> Self {
+        self.batch_bytes = n.max(64 << 10).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        self
+    }
+
+    /// FastCDC sizes for files and tar streams.
+    pub fn cdc(mut self, p: CdcParams) -> Self {
+        self.cdc = p;
+        self
+    }
+
+    /// Chunks the file at `path`; see [`Pipeline::run`].
+    pub fn run_file<S, E, F>(
+        &self,
+        path: &Path,
+        kind: ObjectKind,
+        has: &S,
+        sink: F,
+    ) -> Result<PipelineOutput, E>
+    where
+        S: ChunkSet + ?Sized,
+        E: From<StoreError>,
+        F: FnMut(CompressedChunk) -> Result<(), E>,
+    {
+        let f = std::fs::File::open(path).map_err(|e| E::from(StoreError::io("open", path, e)))?;
+        self.run(kind, f, has, sink)
+    }
+
+    /// Chunks `input` as `kind` (4 KiB pages for memory, FastCDC otherwise), hands
+    /// every data chunk that `has` lacks and that did not occur earlier in the object
+    /// to `sink` (compressed, in object order, on this thread), and returns the
+    /// manifest. A sink error stops the run and is returned.
+    pub fn run<R, S, E, F>(
+        &self,
+        kind: ObjectKind,
+        mut input: R,
+        has: &S,
+        mut sink: F,
+    ) -> Result<PipelineOutput, E>
+    where
+        R: Read,
+        S: ChunkSet + ?Sized,
+        E: From<StoreError>,
+        F: FnMut(CompressedChunk) -> Result<(), E>,
+    {
+        let seen: [Mutex<HashSet<Digest>>; SHARDS] =
+            std::array::from_fn(|_| Mutex::new(HashSet::new()));
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(self.threads * 2);
+        let job_rx = Mutex::new(job_rx);
+        let (done_tx, done_rx) = mpsc::channel::<Result<Done, StoreError>>();
+
+        std::thread::scope(|s| {
+            for i in 0..self.threads {
+                let done_tx = done_tx.clone();
+                let (job_rx, seen) = (&job_rx, &seen);
+                std::thread::Builder::new()
+                    .name(format!("xfer-chunk-{i}"))
+                    .spawn_scoped(s, move || worker(job_rx, done_tx, has, seen))
+                    .map_err(|e| E::from(StoreError::Spawn(e)))?;
+            }
+            drop(done_tx);
+            // Dropping `job_tx` (on return, error or not) stops the workers.
+            self.feed(kind, &mut input, job_tx, &done_rx, &mut sink)
+        })
+    }
+
+    /// The calling thread's part: read, cut, hash the whole object, dispatch batches,
+    /// and assemble results in order.
+    fn feed<R, E, F>(
+        &self,
+        kind: ObjectKind,
+        input: &mut R,
+        job_tx: mpsc::SyncSender<Job>,
+        done_rx: &mpsc::Receiver<Result<Done, StoreError>>,
+        sink: &mut F,
+    ) -> Result<PipelineOutput, E>
+    where
+        R: Read,
+        E: From<StoreError>,
+        F: FnMut(CompressedChunk) -> Result<(), E>,
+    {
+        let paged = kind.is_paged();
+        // A CDC buffer holds a batch plus the lookahead a cut needs.
+        let buf_len = if paged {
+            self.batch_bytes
+        } else {
+            self.batch_bytes + 2 * self.cdc.max
+        };
+        let mut pool: Vec<Vec<u8>> = Vec::new();
+        let mut carry: Vec<u8> = Vec::new();
+        let mut whole = Hasher::new();
+        let mut asm = Assembler::default();
+        let mut sent = 0u64;
+        let mut eof = false;
+
+        while !eof {
+            let mut buf = pool.pop().unwrap_or_else(|| vec![0u8; buf_len]);
+            buf[..carry.len()].copy_from_slice(&carry);
+            let mut filled = carry.len();
+            carry.clear();
+            let fresh = filled;
+            while filled < buf_len {
+                match input.read(&mut buf[filled..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(E::from(StoreError::Read(e))),
+                }
+            }
+            whole.update(&buf[fresh..filled]);
+
+            let mut cuts = Vec::new();
+            if paged {
+                cuts.extend(crate::chunk::pages(filled).map(|r| r.end));
+            } else {
+                let mut pos = 0;
+                while let Some(n) = cdc_cut(&buf[pos..filled], &self.cdc, eof) {
+                    pos += n;
+                    cuts.push(pos);
+                }
+                carry.extend_from_slice(&buf[pos..filled]);
+            }
+            if cuts.is_empty() {
+                pool.push(buf);
+                continue;
+            }
+            let job = Job {
+                seq: sent,
+                buf,
+                cuts,
+            };
+            // Blocks while the workers are busy (bounded queue); results keep arriving
+            // on the unbounded channel meanwhile.
+            if job_tx.send(job).is_err() {
+                // Every worker has gone: one of them reported why (below).
+                break;
+            }
+            sent += 1;
+            while let Ok(done) = done_rx.try_recv() {
+                pool.extend(asm.accept(done?, sink)?);
+            }
+        }
+        drop(job_tx);
+        while asm.next < sent {
+            let Ok(done) = done_rx.recv() else {
+                break;
+            };
+            asm.accept(done?, sink)?;
+        }
+        while let Ok(done) = done_rx.try_recv() {
+            // A worker's error after the input ended or a send failed.
+            done?;
+        }
+        if asm.next < sent || !eof {
+            // Unreachable unless a worker died without reporting.
+            return Err(E::from(StoreError::Spawn(std::io::Error::other(
+                "a pipeline worker stopped early",
+            ))));
+        }
+        let manifest = Manifest::new(kind, whole.finish(), std::mem::take(&mut asm.entries))?;
+        Ok(PipelineOutput {
+            manifest,
+            new_chunks: asm.new_chunks,
+            new_raw_bytes: asm.new_raw_bytes,
+            new_frame_bytes: asm.new_frame_bytes,
+            zero_bytes: asm.zero_bytes,
+            dup_bytes: asm.dup_bytes,
+        })
+    }
+
+    /// Runs the pipeline and collects the new chunks in a vector.
+    pub fn collect<R: Read, S: ChunkSet + ?Sized>(
+        &self,
+        kind: ObjectKind,
+        input: R,
+        has: &S,
+    ) -> Result<(PipelineOutput, Vec<CompressedChunk>), StoreError> {
+        let mut chunks = Vec::new();
+        let out = self.run(kind, input, has, |c| -> Result<(), StoreError> {
+            chunks.push(c);
+            Ok(())
+        })?;
+        Ok((out, chunks))
+    }
+}
+
+/// Puts finished batches back in order.
+#[derive(Default)]
+struct Assembler {
+    next: u64,
+    waiting: BTreeMap<u64, Done>,
+    entries: Vec<ChunkRef>,
+    new_chunks: u64,
+    new_raw_bytes: u64,
+    new_frame_bytes: u64,
+    zero_bytes: u64,
+    dup_bytes: u64,
+}
+
+impl Assembler {
+    /// Takes a finished batch; emits every batch now in order. Returns the buffers
+    /// to reuse.
+    fn accept<E, F>(&mut self, done: Done, sink: &mut F) -> Result<Vec<Vec<u8>>, E>
+    where
+        F: FnMut(CompressedChunk) -> Result<(), E>,
+    {
+        self.waiting.insert(done.seq, done);
+        let mut bufs = Vec::new();
+        while let Some(mut d) = self.waiting.remove(&self.next) {
+            self.next += 1;
+            self.entries.append(&mut d.entries);
+            self.zero_bytes += d.zero_bytes;
+            self.dup_bytes += d.dup_bytes;
+            bufs.push(std::mem::take(&mut d.buf));
+            for c in d.chunks {
+                self.new_chunks += 1;
+                self.new_raw_bytes += c.raw_len as u64;
+                self.new_frame_bytes += c.frame.len() as u64;
+                sink(c)?;
+            }
+        }
+        Ok(bufs)
+    }
+}
+
+fn worker<S: ChunkSet + ?Sized>(
+    jobs: &Mutex<mpsc::Receiver<Job>>,
+    done: mpsc::Sender<Result<Done, StoreError>>,
+    has: &S,
+    seen: &[Mutex<HashSet<Digest>>; SHARDS],
+) {
+    let mut enc = match Encoder::new() {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = done.send(Err(e));
+            return;
+        }
+    };
+    let zero_page = zero_digest(PAGE_SIZE);
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        };
+        let r = process(job, &mut enc, has, seen, zero_page);
+        let failed = r.is_err();
+        if done.send(r).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn process<S: ChunkSet + ?Sized>(
+    job: Job,
+    enc: &mut Encoder,
+    has: &S,
+    seen: &[Mutex<HashSet<Digest>>; SHARDS],
+    zero_page: Digest,
+) -> Result<Done, StoreError> {
+    let mut d = Done {
+        seq: job.seq,
+        entries: Vec::with_capacity(job.cuts.len()),
+        ..Done::default()
+    };
+    let mut start = 0;
+    for &end in &job.cuts {
+        let data = &job.buf[start..end];
+        start = end;
+        if is_zero(data) {
+            let id = if data.len() == PAGE_SIZE {
+                zero_page
+            } else {
+                zero_digest(data.len())
+            };
+            d.entries.push(ChunkRef::zero_with_id(id, data.len()));
+            d.zero_bytes += data.len() as u64;
+            continue;
+        }
+        let id = Digest::of(data);
+        d.entries.push(ChunkRef::data(id, data.len())?);
+        let new = !has.contains(&id)
+            && seen[id.0[0] as usize % SHARDS]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+        if new {
+            d.chunks.push(CompressedChunk {
+                id,
+                raw_len: data.len(),
+                frame: enc.encode(data)?,
+            });
+        } else {
+            d.dup_bytes += data.len() as u64;
+        }
+    }
+    d.buf = job.buf;
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(len: usize, seed: u64) -> Vec<u8> {
+        // Pages: zero, noise, text, and a repeat of an earlier page.
+        let mut x = seed | 1;
+        let mut v = Vec::with_capacity(len);
+        let text = b"the quick brown fox jumps over the lazy dog 0123456789 ";
+        while v.len() < len {
+            let page = v.len() / PAGE_SIZE;
+            match page % 5 {
+                0 => v.extend(std::iter::repeat_n(0u8, PAGE_SIZE)),
+                1 => v.extend((0..PAGE_SIZE).map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })),
+                2 | 3 => v.extend(text.iter().cycle().take(PAGE_SIZE)),
+                _ => {
+                    let first = v[PAGE_SIZE..2 * PAGE_SIZE].to_vec();
+                    v.extend(first)
+                }
+            }
+        }
+        v.truncate(len);
+        v
+    }
+
+    #[test]
+    fn pipeline_matches_single_threaded_manifest_and_rebuilds() {
+        let data = sample(3 << 20, 7);
+        for kind in [ObjectKind::MemoryPages, ObjectKind::Tar] {
+            let p = Pipeline::new().batch_bytes(256 << 10);
+            let (out, chunks) = p.collect(kind, &data[..], &()).expect("pipeline");
+            let (m, _) = Manifest::from_bytes(kind, &data);
+            assert_eq!(out.manifest, m, "{kind:?}");
+            // Every distinct data chunk exactly once, in order of first use.
+            let ids: Vec<_> = chunks.iter().map(|c| c.id).collect();
+            assert_eq!(ids, m.chunk_ids().collect::<Vec<_>>());
+            assert_eq!(
+                out.zero_bytes + out.dup_bytes + out.new_raw_bytes,
+                data.len() as u64
+            );
+
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(dir.path()).expect("open");
+            let mut b = store.batch();
+            for c in &chunks {
+                assert!(b.put_compressed(c.id, &c.frame, c.raw_len).expect("put"));
+            }
+            b.commit().expect("commit");
+            let mut rebuilt = Vec::new();
+            out.manifest.rebuild(&store, &mut rebuilt).expect("rebuild");
+            assert!(rebuilt == data);
+
+            // A second run against the store sends nothing.
+            let (again, none) = p.collect(kind, &data[..], &store).expect("pipeline");
+            assert!(none.is_empty());
+            assert_eq!(again.manifest, m);
+        }
+    }
+
+    #[test]
+    fn sink_errors_stop_the_run() {
+        let data = sample(2 << 20, 3);
+        let r = Pipeline::new().batch_bytes(64 << 10).run(
+            ObjectKind::MemoryPages,
+            &data[..],
+            &(),
+            |_| Err(StoreError::ChunkSize(0)),
+        );
+        assert!(matches!(r, Err(StoreError::ChunkSize(0))));
+    }
+
+    #[test]
+    fn empty_input() {
+        let (out, chunks) = Pipeline::new()
+            .collect(ObjectKind::File, &[][..], &())
+            .expect("pipeline");
+        assert!(chunks.is_empty());
+        assert_eq!(out.manifest.length(), 0);
+        assert_eq!(out.manifest.digest(), Digest::of(b""));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn pipeline_round_trips(
+            len in 0usize..300_000,
+            seed in any::<u64>(),
+            threads in 1usize..4,
+            paged in any::<bool>(),
+        ) {
+            let data = sample(len, seed);
+            let kind = if paged { ObjectKind::MemoryPages } else { ObjectKind::File };
+            let p = Pipeline::new()
+                .threads(threads)
+                .batch_bytes(64 << 10)
+                .cdc(CdcParams::new(1024, 4096, 16384).expect("params"));
+            let (out, chunks) = p.collect(kind, &data[..], &()).expect("pipeline");
+            prop_assert_eq!(out.manifest.length(), len as u64);
+            let by_id: std::collections::HashMap<_, _> = chunks
+                .iter()
+                .map(|c| (c.id, crate::frame::decode(&c.frame, c.raw_len).expect("frame")))
+                .collect();
+            let mut rebuilt = Vec::new();
+            for c in out.manifest.chunks() {
+                if c.is_zero() {
+                    rebuilt.extend(std::iter::repeat_n(0u8, c.len()));
+                } else {
+                    rebuilt.extend_from_slice(&by_id[&c.id()]);
+                }
+            }
+            prop_assert!(rebuilt == data);
+            prop_assert_eq!(Digest::of(&rebuilt), out.manifest.digest());
+        }
+    }
+}
