@@ -97,7 +97,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                         .query::<()>(c)
                         .map(|_| rep.last_set = i)
                 } else {
-                    redis::cmd("INCR").arg("ctr").query::<i64>(c).map(|v| rep.last_incr = v)
+                    redis::cmd("INCR")
+                        .arg("ctr")
+                        .query::<i64>(c)
+                        .map(|v| rep.last_incr = v)
                 };
                 match res {
                     Ok(()) => {
@@ -131,10 +134,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Verify { addr, report } => {
-            let text = std::fs::read_to_string(&report).with_context(|| format!("read {}", report.display()))?;
+            let text = std::fs::read_to_string(&report)
+                .with_context(|| format!("read {}", report.display()))?;
             let rep: serde_json::Value = serde_json::from_str(&text)?;
             let last_set = rep["last_set"].as_u64().context("report has no last_set")?;
-            let last_incr = rep["last_incr"].as_i64().context("report has no last_incr")?;
+            let last_incr = rep["last_incr"]
+                .as_i64()
+                .context("report has no last_incr")?;
             let mut c = connect(&addr).with_context(|| format!("connect to {addr}"))?;
             let ctr: i64 = redis::cmd("GET").arg("ctr").query(&mut c)?;
             if ctr < last_incr {
@@ -151,7 +157,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
             if missing > 0 {
-                bail!("lost writes: {missing} of {last_set} acknowledged SETs are missing or wrong");
+                bail!(
+                    "lost writes: {missing} of {last_set} acknowledged SETs are missing or wrong"
+                );
             }
             println!("{{\"verified_sets\": {last_set}, \"ctr\": {ctr}, \"acked_incr\": {last_incr}, \"lost\": 0}}");
             Ok(())
