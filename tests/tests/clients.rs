@@ -1,6 +1,6 @@
 //! What clients see: a container with its own address keeps it across hosts, and an
-//! established TCP connection (a redis client under a steady write load) survives
-//! the migration without losing an acknowledged write.
+//! established TCP connection (a redis client under a steady write load) survives a
+//! live (pre-copy) migration without losing an acknowledged write.
 
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
         "no",
         "--protected-mode",
         "no",
+        "--enable-debug-command",
+        "yes",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -67,6 +69,17 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
     )
     .await;
 
+    lab.client_exec(&[
+        "redis-cli",
+        "-h",
+        &ip,
+        "DEBUG",
+        "POPULATE",
+        "50000",
+        "key",
+        "128",
+    ]);
+
     // A steady write load over one connection from the client namespace.
     let report = std::env::temp_dir().join(format!("xfer-load-{}.json", std::process::id()));
     let lg = loadgen_path();
@@ -91,10 +104,25 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
+    // Live (pre-copy) migration: rounds while the load runs, then a short cut-over.
     let rep = h1
-        .migrate("redis", &dst, Mode::Cold, |_| {})
+        .migrate("redis", &dst, Mode::Precopy, |_| {})
         .await
         .unwrap_or_else(|e| panic!("migrate: {}", chain(&e)));
+    assert_eq!(rep.mode, "precopy");
+    assert!(
+        rep.rounds.len() >= 2,
+        "at least one pre-copy round and the final one: {:?}",
+        rep.rounds
+    );
+    let first = &rep.rounds[0];
+    let last = rep.rounds.last().expect("final round");
+    // Only what changed since the last round travels during the cut-over.
+    assert!(
+        last.delta_raw_bytes < first.delta_raw_bytes / 2,
+        "the final delta is not smaller than the first round: {:?}",
+        rep.rounds
+    );
     let out = load.join().expect("load thread").expect("run loadgen");
     assert!(
         out.status.success(),

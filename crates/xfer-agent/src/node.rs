@@ -167,6 +167,11 @@ impl Node {
             let inb = map.get(&r.migration_id).ok_or_else(|| {
                 AgentError::Refused(format!("no migration {} prepared here", r.migration_id))
             })?;
+            if r.r#final && inb.inject_failure == "transfer" {
+                return Err(AgentError::Refused(
+                    "injected failure at the transfer step (test hook)".into(),
+                ));
+            }
             (inb.dir.clone(), inb.fetcher.clone())
         };
         let objects = crate::sync::decode_objects(&r.objects)?;
