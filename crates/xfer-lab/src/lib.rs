@@ -420,6 +420,16 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
                 net.set_master(Ns::Named(&ns), "eth0", HOST_BRIDGE)
                     .await
                     .map_err(net_err(format!("{ns}/eth0")))?;
+                // Pin the bridge's MAC to eth0's: otherwise it follows the lowest MAC
+                // of its ports and changes as container veths come and go, leaving
+                // the other hosts with a stale ARP entry for this host.
+                let mac = net
+                    .link_mac(Ns::Named(&ns), "eth0")
+                    .await
+                    .map_err(net_err(format!("{ns}/eth0")))?;
+                net.set_mac(Ns::Named(&ns), HOST_BRIDGE, mac)
+                    .await
+                    .map_err(net_err(format!("{ns}/{HOST_BRIDGE}")))?;
                 net.set_link_up(Ns::Named(&ns), HOST_BRIDGE)
                     .await
                     .map_err(net_err(format!("{ns}/{HOST_BRIDGE}")))?;

@@ -186,6 +186,16 @@ pub trait NetOps: Send + Sync {
         name: &str,
     ) -> impl Future<Output = Result<(), NetError>> + Send;
 
+    /// Set the MAC address of link `name` in `ns`. A bridge given an explicit address
+    /// keeps it, instead of taking the lowest address among its ports, which changes
+    /// whenever a port comes or goes (and leaves neighbours with a stale ARP entry).
+    fn set_mac(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+        mac: [u8; 6],
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
     /// Bring `lo` up in the named namespace.
     fn loopback_up(&self, netns: &str) -> impl Future<Output = Result<(), NetError>> + Send {
         self.set_link_up(Ns::Named(netns), "lo")

@@ -248,6 +248,27 @@ impl NetOps for Netlink {
             .map_err(|e| err(nl_io(e)))
     }
 
+    async fn set_mac(&self, ns: Ns<'_>, name: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        validate_ifname(name)?;
+        let handle = self.handle(ns).await?;
+        let err = |source| NetError::SetLinkUp {
+            name: name.to_owned(),
+            ns: ns.into(),
+            source,
+        };
+        let index = link_index(&handle, name).await.map_err(err)?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| err(nl_io(e)))
+    }
+
     async fn set_master(&self, ns: Ns<'_>, name: &str, bridge: &str) -> Result<(), NetError> {
         validate_ifname(name)?;
         validate_ifname(bridge)?;
