@@ -57,7 +57,7 @@ pub enum AgentError {
         source: tonic::transport::Error,
     },
     /// A call to a peer agent failed; the peer's message carries its own error chain.
-    #[error("{} step: {}", step_name(*.step), .status.message())]
+    #[error("{} step: {}{}", step_name(*.step), .status.message(), peer_hint(.status))]
     Peer { step: Step, status: tonic::Status },
     /// A migration driven by a remote agent failed; its message names the step and cause.
     #[error("{}", .status.message())]
@@ -89,6 +89,17 @@ pub enum AgentError {
     /// The request was refused before anything was changed.
     #[error("{0}")]
     Refused(String),
+}
+
+/// What a transport-level failure of a peer call means to an operator.
+fn peer_hint(status: &tonic::Status) -> &'static str {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            " (the other agent stopped answering: it died or the link is down; the source container keeps running)"
+        }
+        tonic::Code::DeadlineExceeded => " (the other agent did not answer in time)",
+        _ => "",
+    }
 }
 
 /// Lower-case name of a step, as operators read it.

@@ -37,6 +37,12 @@ use std::net::SocketAddr;
 
 use xfer_proto::v1::agent_server::AgentServer;
 
+/// HTTP/2 keep-alive between agents: how often to ping, and how long to wait for the
+/// answer before the connection (and every call on it) fails.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest gRPC message the agents exchange (a chunk is at most 1 MiB compressed).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
@@ -48,7 +54,9 @@ pub async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(t) = tls {
         builder = builder.tls_config(t)?;
     }

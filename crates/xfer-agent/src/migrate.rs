@@ -50,7 +50,11 @@ pub async fn connect_peer(
     };
     let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(conn_err)?
-        .connect_timeout(std::time::Duration::from_secs(5));
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // A cut link or a dead peer fails the call within ~10 s instead of hanging.
+        .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     match tls {
         Some(t) => ep = ep.tls_config(t.client_config()?).map_err(conn_err)?,
         None if endpoint.starts_with("https") => {
@@ -206,13 +210,28 @@ pub async fn run(
         }
         Err((step, e)) => {
             warn!(?step, error = %e, "aborting migration");
-            let _ = peer
-                .abort(AbortRequest {
-                    migration_id: mid.to_string(),
-                    step: step as i32,
-                    reason: e.to_string(),
-                })
-                .await;
+            // Tell the destination to drop what it made; retried with backoff in the
+            // background, since the failure may be the link itself.
+            let mut abort_peer = peer.clone();
+            let req = AbortRequest {
+                migration_id: mid.to_string(),
+                step: step as i32,
+                reason: e.to_string(),
+            };
+            let first = abort_peer.abort(req.clone()).await;
+            if first.is_err() {
+                tokio::spawn(async move {
+                    let mut wait = std::time::Duration::from_millis(500);
+                    for _ in 0..8 {
+                        tokio::time::sleep(wait).await;
+                        if abort_peer.abort(req.clone()).await.is_ok() {
+                            return;
+                        }
+                        wait = (wait * 2).min(std::time::Duration::from_secs(4));
+                    }
+                    warn!("the destination never acknowledged the abort; it expires the migration itself");
+                });
+            }
             return Err(e);
         }
     };

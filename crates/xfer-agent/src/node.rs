@@ -56,7 +56,13 @@ struct Inbound {
     /// The fetcher of this migration: one connection to the source, and what it
     /// measured of it, kept across rounds.
     fetcher: Option<Arc<crate::chunks::Fetcher<xfer_store::Store>>>,
+    /// When the source last talked to us about it.
+    touched: Instant,
 }
+
+/// An inbound migration the source has not touched for this long is dropped (its
+/// source died or lost the link before it could abort).
+pub const INBOUND_EXPIRY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// One node's agent.
 #[derive(Debug, Clone)]
@@ -116,6 +122,35 @@ impl Node {
         })
     }
 
+    /// Drops inbound migrations whose source went silent (see [`INBOUND_EXPIRY`]);
+    /// run periodically by the daemon.
+    pub async fn expire_inbound(&self) -> usize {
+        let stale: Vec<String> = self
+            .inbound
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, i)| i.touched.elapsed() > INBOUND_EXPIRY)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for mid in &stale {
+            warn!(migration = %mid, "dropping an inbound migration its source abandoned");
+            let id = self
+                .inbound
+                .lock()
+                .await
+                .get(mid)
+                .map(|i| i.container_id.clone());
+            if let Some(id) = id {
+                if self.rt.container(&id).await.is_ok() {
+                    self.discard(&id).await;
+                }
+            }
+            self.cleanup_inbound(mid).await;
+        }
+        stale.len()
+    }
+
     /// The node's containerd.
     pub fn runtime(&self) -> &Containerd {
         &self.rt
@@ -153,7 +188,11 @@ impl Node {
         };
         let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .map_err(conn_err)?
-            .connect_timeout(std::time::Duration::from_secs(5));
+            .connect_timeout(std::time::Duration::from_secs(5))
+            // A cut link or a dead peer fails the call within ~10 s instead of hanging.
+            .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         if let Some(t) = &self.cfg.tls {
             ep = ep.tls_config(t.client_config()?).map_err(conn_err)?;
         }
@@ -162,6 +201,9 @@ impl Node {
     }
 
     async fn sync_inner(&self, r: SyncRequest) -> Result<SyncReply, AgentError> {
+        if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
+            i.touched = Instant::now();
+        }
         let (dir, fetcher) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&r.migration_id).ok_or_else(|| {
@@ -651,6 +693,7 @@ impl Agent for Node {
                 lease: Some(lease),
                 chain_id: None,
                 fetcher: None,
+                touched: Instant::now(),
             },
         );
         if missing.is_empty() {

@@ -123,6 +123,14 @@ async fn run() -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(node = %args.node, listen = %args.listen, "xferd serving");
+    let reaper = node.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            reaper.expire_inbound().await;
+        }
+    });
     xfer_agent::serve(node, args.listen, server_tls, shutdown())
         .await
         .with_context(|| format!("serve on {}", args.listen))?;
