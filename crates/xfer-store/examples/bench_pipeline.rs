@@ -320,6 +320,7 @@ fn bench(
     }
     let mut ingest = Vec::new();
     let mut reopen = Vec::new();
+    let mut has_ns = Vec::new();
     for _ in 0..args.runs {
         let dir = tmp.join("ingest-store");
         let _ = std::fs::remove_dir_all(&dir);
@@ -336,6 +337,14 @@ fn bench(
         });
         r?;
         ingest.push(t);
+        // has_many over every stored id and as many absent ones.
+        let mut query: Vec<Digest> = first.chunks.iter().map(|c| c.id).collect();
+        let n = query.len();
+        query.extend((0..n as u64).map(|i| Digest::of(&i.to_le_bytes())));
+        let t = Instant::now();
+        let hits = store.has_many(&query).iter().filter(|h| **h).count();
+        has_ns.push(t.elapsed().as_secs_f64() * 1e9 / query.len().max(1) as f64);
+        assert_eq!(hits, n);
         drop(store);
         let t = Instant::now();
         let store = Store::open(&dir)?;
@@ -423,6 +432,16 @@ fn bench(
             &b3,
         );
     }
+    let chunks = reopen.first().map(|r| r.1).unwrap_or(0);
+    println!(
+        "store reopen (index rebuilt from {chunks} chunk files): median {:.0} ms",
+        1000.0 * median(reopen.iter().map(|r| r.0).collect())
+    );
+    println!(
+        "has_many over {} ids (half present): median {:.0} ns per id",
+        2 * first.chunks.len(),
+        median(has_ns)
+    );
     Ok(())
 }
 

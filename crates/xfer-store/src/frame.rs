@@ -1,7 +1,7 @@
 //! zstd frames with a bounded decoded size.
 //!
 //! A chunk is kept on disk and sent on the wire as exactly one frame produced here
-//! (level [`ZSTD_LEVEL`](crate::ZSTD_LEVEL), no zstd checksum: integrity is the BLAKE3
+//! (level [`ZSTD_LEVEL`], no zstd checksum: integrity is the BLAKE3
 //! digest of the decoded bytes). Decoding needs the announced decoded length and never
 //! allocates more than [`MAX_FRAME`], so a peer cannot make a receiver allocate
 //! without limit.

@@ -61,7 +61,7 @@ pub mod store;
 mod sys;
 
 pub use error::{ManifestError, StoreError};
-pub use manifest::{ChunkRef, Manifest, ObjectKind};
+pub use manifest::{ChunkRef, ChunkSource, Manifest, ObjectKind};
 pub use pipeline::{ChunkSet, CompressedChunk, FnSet, Pipeline, PipelineOutput};
 pub use store::{Batch, GcPolicy, GcReport, LeaseInfo, Stats, Store};
 

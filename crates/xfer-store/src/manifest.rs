@@ -37,7 +37,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::chunk::{zero_digest, PAGE_SIZE};
-use crate::{Digest, Hasher, ManifestError, Store, StoreError, MAX_CHUNK};
+use crate::{CompressedChunk, Digest, Hasher, ManifestError, Store, StoreError, MAX_CHUNK};
 
 const MAGIC: &[u8; 4] = b"XFMF";
 const HEADER_LEN: usize = 56;
@@ -371,13 +371,18 @@ impl Manifest {
         })
     }
 
-    /// Writes the object to `w` from `store`'s chunks, in order, and checks the
-    /// whole-object length and digest. Returns the number of bytes written.
+    /// Writes the object to `w` from the chunks of `src` (a [`Store`], or any
+    /// [`ChunkSource`]), in order, and checks the whole-object length and digest.
+    /// Returns the number of bytes written.
     ///
     /// On error `w` has received a prefix (possibly all) of the bytes: write to a
     /// temporary place and keep it only on success ([`Manifest::rebuild_file`] does).
     /// A missing or corrupt chunk is reported as [`StoreError::Missing`].
-    pub fn rebuild<W: Write + ?Sized>(&self, store: &Store, w: &mut W) -> Result<u64, StoreError> {
+    pub fn rebuild<S: ChunkSource + ?Sized, W: Write + ?Sized>(
+        &self,
+        src: &S,
+        w: &mut W,
+    ) -> Result<u64, StoreError> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut h = Hasher::new();
         let mut n = 0u64;
@@ -391,7 +396,7 @@ impl Manifest {
                     left -= k;
                 }
             } else {
-                let data = store.get(&c.id)?;
+                let data = src.fetch(&c.id, c.len())?;
                 if data.len() != c.len() {
                     // Same id, other length: impossible short of a BLAKE3 collision,
                     // but never write a wrong object.
@@ -417,7 +422,11 @@ impl Manifest {
 
     /// Rebuilds the object into `path`: writes a temporary file beside it, verifies,
     /// fsyncs and renames it into place; on any error nothing appears at `path`.
-    pub fn rebuild_file(&self, store: &Store, path: &Path) -> Result<u64, StoreError> {
+    pub fn rebuild_file<S: ChunkSource + ?Sized>(
+        &self,
+        src: &S,
+        path: &Path,
+    ) -> Result<u64, StoreError> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
@@ -431,7 +440,7 @@ impl Manifest {
         let result = (|| {
             let f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            let n = self.rebuild(store, &mut w)?;
+            let n = self.rebuild(src, &mut w)?;
             let f = w
                 .into_inner()
                 .map_err(|e| StoreError::Write(e.into_error()))?;
@@ -444,6 +453,59 @@ impl Manifest {
             let _ = std::fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+/// Where [`Manifest::rebuild`] takes chunks from: the [`Store`], chunks received
+/// but not stored (a map of [`CompressedChunk`]s, e.g. the last round of a migration,
+/// rebuilt without writing one file per chunk first), or both (a pair: the first
+/// source, then the second for what the first lacks).
+pub trait ChunkSource {
+    /// The verified bytes of chunk `id` (`len` bytes long), or
+    /// [`StoreError::Missing`] if this source does not have it.
+    fn fetch(&self, id: &Digest, len: usize) -> Result<Vec<u8>, StoreError>;
+}
+
+impl ChunkSource for Store {
+    fn fetch(&self, id: &Digest, _len: usize) -> Result<Vec<u8>, StoreError> {
+        self.get(id)
+    }
+}
+
+/// Received frames, decoded and verified on use.
+impl<H: std::hash::BuildHasher> ChunkSource
+    for std::collections::HashMap<Digest, CompressedChunk, H>
+{
+    fn fetch(&self, id: &Digest, len: usize) -> Result<Vec<u8>, StoreError> {
+        let c = self.get(id).ok_or(StoreError::Missing {
+            id: *id,
+            quarantined: None,
+        })?;
+        if c.raw_len != len {
+            return Err(StoreError::ChunkSize(c.raw_len));
+        }
+        let data = crate::frame::decode(&c.frame, c.raw_len)?;
+        let got = Digest::of(&data);
+        if got != *id {
+            return Err(StoreError::Verify { want: *id, got });
+        }
+        Ok(data)
+    }
+}
+
+/// The first source, then the second for chunks the first is missing.
+impl<A: ChunkSource, B: ChunkSource> ChunkSource for (A, B) {
+    fn fetch(&self, id: &Digest, len: usize) -> Result<Vec<u8>, StoreError> {
+        match self.0.fetch(id, len) {
+            Err(e) if e.missing_chunk().is_some() => self.1.fetch(id, len),
+            r => r,
+        }
+    }
+}
+
+impl<T: ChunkSource + ?Sized> ChunkSource for &T {
+    fn fetch(&self, id: &Digest, len: usize) -> Result<Vec<u8>, StoreError> {
+        (**self).fetch(id, len)
     }
 }
 
@@ -685,6 +747,56 @@ mod tests {
             prop_assert_eq!(m.rebuild(&store, &mut out).expect("rebuild"), data.len() as u64);
             prop_assert_eq!(out, data);
         }
+    }
+
+    #[test]
+    fn rebuild_from_received_frames_and_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let data: Vec<u8> = (0..20 * PAGE_SIZE as u32)
+            .map(|i| (i / 4096 * 7 + i % 13) as u8)
+            .collect();
+        let (m, chunks) = Manifest::from_bytes(ObjectKind::MemoryPages, &data);
+        // Half the chunks in the store, half only received.
+        let mut received = std::collections::HashMap::new();
+        for (i, (id, bytes)) in chunks.iter().enumerate() {
+            if i % 2 == 0 {
+                store.put(bytes).expect("put");
+            } else {
+                let frame = crate::frame::encode(bytes).expect("encode");
+                received.insert(
+                    *id,
+                    CompressedChunk {
+                        id: *id,
+                        raw_len: bytes.len(),
+                        frame,
+                    },
+                );
+            }
+        }
+        let mut out = Vec::new();
+        m.rebuild(&(&received, &store), &mut out).expect("rebuild");
+        assert_eq!(out, data);
+        assert!(m
+            .rebuild(&received, &mut Vec::new())
+            .expect_err("half")
+            .missing_chunk()
+            .is_some());
+        // A received frame of the wrong bytes is refused.
+        let (bad_id, _) = chunks[1];
+        let other = crate::frame::encode(&[9u8; PAGE_SIZE]).expect("encode");
+        received.insert(
+            bad_id,
+            CompressedChunk {
+                id: bad_id,
+                raw_len: PAGE_SIZE,
+                frame: other,
+            },
+        );
+        assert!(matches!(
+            m.rebuild(&(&received, &store), &mut Vec::new()),
+            Err(StoreError::Verify { .. })
+        ));
     }
 
     #[test]

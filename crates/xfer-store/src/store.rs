@@ -60,6 +60,15 @@
 //! mounts make it unreliable). Nothing used within [`GcPolicy::min_age`] is removed:
 //! that covers a writer that found a chunk present and is about to lease it.
 //!
+//! # Costs (measured on this project's 2-core VM, ext4 on a virtual disk)
+//!
+//! - A single [`Store::put`] of a new chunk: 2-6 ms (two fsyncs).
+//! - A [`Batch`] of 4,096 chunks: 4 KiB page chunks are stored at 40-67 MB/s (10-16 k
+//!   chunk files per second; CPU-bound on file creation and rename in the kernel),
+//!   64 KiB-class CDC chunks at ~150-200 MB/s. Several threads may each fill a batch.
+//! - [`Store::open`] rebuilds the index at ~3 µs per chunk (53 k chunks: 169 ms).
+//! - [`Store::has_many`]: 40-90 ns per id.
+//!
 //! # Lease file format (version 1)
 //!
 //! ```text
@@ -502,7 +511,8 @@ impl Store {
         self.read_index().map.contains_key(id)
     }
 
-    /// [`Store::has`] for many ids under one lock: ~25 ns per id.
+    /// [`Store::has`] for many ids under one read lock (40-90 ns per id measured on
+    /// 6 k-125 k ids).
     pub fn has_many(&self, ids: &[Digest]) -> Vec<bool> {
         let idx = self.read_index();
         ids.iter().map(|id| idx.map.contains_key(id)).collect()
