@@ -14,8 +14,8 @@ const SERIAL_TEST_PACKAGE: &str = "xfer-tests";
 pub struct TestArgs {
     #[command(flatten)]
     pub setup: SetupArgs,
-    /// Seconds each cargo-fuzz target runs (only when `cargo fuzz` and nightly are available).
-    #[arg(long, env = "XFER_FUZZ_SECONDS", default_value_t = 30)]
+    /// Seconds each cargo-fuzz target runs.
+    #[arg(long, env = "XFER_FUZZ_SECONDS", default_value_t = 20)]
     pub fuzz_seconds: u32,
 }
 
