@@ -1,4 +1,6 @@
-//! `cargo xtask demo`: lab up, stateful redis on h1, cold-migrate it to h2, check, lab down.
+//! `cargo xtask demo`: lab up, a stateful redis with its own address on h1 under a
+//! client write load, live-migrate it to h2, check every key and every acknowledged
+//! write, lab down.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -236,9 +238,15 @@ fn lab_session(args: &DemoArgs, demo: &Demo, tl: &mut Timeline) -> Result<()> {
         let json = capture(demo.lab("status").arg("--json"))?;
         parse_lab_status(&json)
     })?;
-    let h1 = lab.host("h1")?.to_string();
-    let h2 = lab.host("h2")?.to_string();
-    println!("h1 = {h1}, h2 = {h2}");
+    let h1_host = lab.host("h1")?.to_string();
+    let h2_host = lab.host("h2")?.to_string();
+    // The container's own address (the lab subnet's .200): it moves with the container.
+    let service = match h1_host.rsplit_once('.') {
+        Some((net, _)) => format!("{net}.200"),
+        None => bail!("h1's address {h1_host} is not IPv4"),
+    };
+    println!("h1 = {h1_host}, h2 = {h2_host}, redis = {service}");
+    let (h1, h2) = (service.clone(), service.clone());
 
     tl.step("image import (redis into h1)", || {
         run(demo
@@ -249,7 +257,13 @@ fn lab_session(args: &DemoArgs, demo: &Demo, tl: &mut Timeline) -> Result<()> {
         run(demo
             .xfer()
             .args(["run", "--prefix", prefix, "--host", "h1", "--image", IMAGE])
-            .args(["--name", CONTAINER, "--"])
+            .args([
+                "--name",
+                CONTAINER,
+                "--address",
+                &format!("{service}/24"),
+                "--",
+            ])
             .args(["redis-server", "--port", "6379", "--save", ""])
             .args(["--appendonly", "no", "--protected-mode", "no"])
             // Redis 7 refuses DEBUG (used for POPULATE below) unless this is set.
@@ -270,20 +284,71 @@ fn lab_session(args: &DemoArgs, demo: &Demo, tl: &mut Timeline) -> Result<()> {
         Ok(())
     })?;
 
-    tl.step("migrate h1 -> h2 (cold)", || {
+    // A client in the client namespace writes steadily over one connection while the
+    // container moves.
+    let loadgen = demo
+        .xfer
+        .parent()
+        .map(|d| d.join("xfer-loadgen"))
+        .context("locate xfer-loadgen")?;
+    let report = std::env::temp_dir().join("xfer-demo-load.json");
+    let load = demo
+        .xfer()
+        .args(["lab", "exec", "--prefix", prefix, "--node", "client", "--"])
+        .arg(&loadgen)
+        .args([
+            "run",
+            "--addr",
+            &format!("{service}:6379"),
+            "--seconds",
+            "8",
+        ])
+        .arg("--out")
+        .arg(&report)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start the client load")?;
+    std::thread::sleep(Duration::from_secs(2));
+    tl.step("migrate h1 -> h2 (live, pre-copy)", || {
         run(demo
             .xfer()
             .args(["migrate", CONTAINER, "--prefix", prefix])
-            .args(["--from", "h1", "--to", "h2", "--mode", "cold"]))
+            .args(["--from", "h1", "--to", "h2"]))
+    })?;
+    tl.step("client during the migration", || {
+        let out = load
+            .wait_with_output()
+            .context("wait for the client load")?;
+        if !out.status.success() {
+            bail!("the client load failed");
+        }
+        println!(
+            "  client saw: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        run(demo
+            .xfer()
+            .args(["lab", "exec", "--prefix", prefix, "--node", "client", "--"])
+            .arg(&loadgen)
+            .args(["verify", "--addr", &format!("{service}:6379"), "--report"])
+            .arg(&report))
     })?;
 
     tl.step("check redis on h2", || {
         demo.wait_for_redis(&h2, Duration::from_secs(15))?;
         let n = demo.dbsize(&h2)?;
-        if n != args.keys {
-            bail!("h2 holds {n} keys after migration, expected {}", args.keys);
+        // The client's writes added keys (k:N and ctr) on top of the populated ones.
+        if n < args.keys {
+            bail!(
+                "h2 holds {n} keys after migration, expected at least {}",
+                args.keys
+            );
         }
-        println!("  h2 holds all {n} keys");
+        println!(
+            "  h2 holds all {} keys (+{} written by the client)",
+            args.keys,
+            n - args.keys
+        );
         Ok(())
     })?;
     Ok(())
