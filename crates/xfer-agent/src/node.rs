@@ -58,6 +58,8 @@ struct Inbound {
     fetcher: Option<Arc<crate::chunks::Fetcher<xfer_store::Store>>>,
     /// When the source last talked to us about it.
     touched: Instant,
+    /// Files rebuilt by earlier rounds (patched, not rewritten, by the next).
+    rebuilt: Arc<std::sync::Mutex<crate::sync::Rebuilt>>,
 }
 
 /// An inbound migration the source has not touched for this long is dropped (its
@@ -204,7 +206,7 @@ impl Node {
         if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
             i.touched = Instant::now();
         }
-        let (dir, fetcher) = {
+        let (dir, fetcher, rebuilt) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&r.migration_id).ok_or_else(|| {
                 AgentError::Refused(format!("no migration {} prepared here", r.migration_id))
@@ -214,7 +216,7 @@ impl Node {
                     "injected failure at the transfer step (test hook)".into(),
                 ));
             }
-            (inb.dir.clone(), inb.fetcher.clone())
+            (inb.dir.clone(), inb.fetcher.clone(), inb.rebuilt.clone())
         };
         let objects = crate::sync::decode_objects(&r.objects)?;
         let ids = crate::sync::chunk_ids(&objects);
@@ -248,14 +250,31 @@ impl Node {
             fetcher.fetch(&wants).await.map_err(AgentError::Fetch)?
         };
         let fetch_micros = t.elapsed().as_micros() as u64;
-        let mut rebuild_micros = 0;
+        // Every round rebuilds (patches) the files, so the final round only writes what
+        // changed since the last one.
+        let t = Instant::now();
+        let (st, d, objs) = (store.clone(), dir.clone(), objects.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            let mut done = rebuilt
+                .lock()
+                .map_err(|_| AgentError::Refused("rebuild state poisoned".into()))?;
+            crate::sync::rebuild(&st, &d, &objs, &mut done)
+        })
+        .await
+        .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
+        let rebuild_micros = t.elapsed().as_micros() as u64;
         if r.r#final {
-            let t = Instant::now();
-            let (st, d, objs) = (store.clone(), dir.clone(), objects.clone());
-            let built = tokio::task::spawn_blocking(move || crate::sync::rebuild(&st, &d, &objs))
-                .await
-                .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
-            rebuild_micros = t.elapsed().as_micros() as u64;
+            // Files of earlier rounds that the final dump does not have must not be
+            // restored.
+            let keep: std::collections::HashSet<PathBuf> =
+                built.iter().map(|(_, p, _)| p.clone()).collect();
+            if let Ok(rd) = std::fs::read_dir(dir.join("criu")) {
+                for e in rd.flatten() {
+                    if !keep.contains(&e.path()) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
             let files: Vec<InFile> = built
                 .into_iter()
                 .zip(&objects)
@@ -694,6 +713,7 @@ impl Agent for Node {
                 chain_id: None,
                 fetcher: None,
                 touched: Instant::now(),
+                rebuilt: Arc::default(),
             },
         );
         if missing.is_empty() {
