@@ -227,9 +227,11 @@ mod chunks {
             .last_error
             .as_deref()
             .is_some_and(|e| e.contains("verify chunk")));
-        assert_eq!(
-            ro.chunks, 33,
-            "the fallback served what the others could not"
+        // At least what the others could not serve; on a loaded machine the slowness
+        // rule may also move a late request of a or b to the fallback.
+        assert!(
+            ro.chunks >= 33,
+            "the fallback served what the others could not: {ro:?}"
         );
         assert_eq!(report.fetched, 600);
     }
