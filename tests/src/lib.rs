@@ -179,3 +179,71 @@ pub fn reap_orphans() {
         }
     }
 }
+
+/// redis-server arguments the tests use: no persistence, reachable from the client
+/// namespace, DEBUG allowed (for POPULATE and DIGEST).
+pub fn redis_args() -> Vec<String> {
+    [
+        "redis-server",
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl TestLab {
+    /// Imports the redis image into `host`, starts redis there as `name` (with its own
+    /// `address` (CIDR) when given, else in the host's namespace) and waits until it
+    /// answers PING from the client namespace. Returns the IP clients use.
+    pub async fn start_redis(&self, host: &str, name: &str, address: Option<&str>) -> String {
+        self.import(host, "redis").await;
+        let mut agent = self.agent(host).await;
+        let ip = match address {
+            Some(a) => {
+                agent
+                    .run_with_address(
+                        name,
+                        "redis",
+                        &redis_args(),
+                        &[],
+                        a,
+                        &self.lab.gateway.to_string(),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("run redis: {}", chain(&e)));
+                a.split('/').next().expect("ip").to_string()
+            }
+            None => {
+                agent
+                    .run(name, "redis", &redis_args(), &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("run redis: {}", chain(&e)));
+                self.lab.host(host).expect("host").address.to_string()
+            }
+        };
+        wait_for("redis answering PING", Duration::from_secs(20), || {
+            let args = [
+                "redis-cli".to_string(),
+                "-h".into(),
+                ip.clone(),
+                "PING".into(),
+            ];
+            let out = self.lab.exec("client", &args).ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("PONG")
+                .then_some(())
+        })
+        .await;
+        ip
+    }
+}

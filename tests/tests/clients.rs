@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use xfer_agent::client::Mode;
-use xfer_tests::{chain, task_pid, wait_for, TestLab};
+use xfer_tests::{chain, task_pid, TestLab};
 
 fn loadgen_path() -> std::path::PathBuf {
     let p = xfer_tests::xferd_path().with_file_name("xfer-loadgen");
@@ -20,54 +20,11 @@ fn loadgen_path() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
     let lab = TestLab::up("tcc", 2).await;
-    lab.import("h1", "redis").await;
     let mut h1 = lab.agent("h1").await;
     let mut h2 = lab.agent("h2").await;
-    let addr = lab.lab.service_address(1);
-    let ip = addr.split('/').next().expect("ip").to_string();
-    let args: Vec<String> = [
-        "redis-server",
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    h1.run_with_address(
-        "redis",
-        "redis",
-        &args,
-        &[],
-        &addr,
-        &lab.lab.gateway.to_string(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
-    wait_for(
-        "redis answering on its own address",
-        Duration::from_secs(20),
-        || {
-            let out = lab
-                .lab
-                .exec(
-                    "client",
-                    &["redis-cli".into(), "-h".into(), ip.clone(), "PING".into()],
-                )
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains("PONG")
-                .then_some(())
-        },
-    )
-    .await;
+    let ip = lab
+        .start_redis("h1", "redis", Some(&lab.lab.service_address(1)))
+        .await;
 
     lab.client_exec(&[
         "redis-cli",

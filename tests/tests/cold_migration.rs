@@ -89,42 +89,9 @@ async fn cold_busybox_counter_keeps_counting_and_its_writable_layer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_redis_keeps_every_key() {
     let lab = TestLab::up("tcr", 2).await;
-    lab.import("h1", "redis").await;
     let mut h1 = lab.agent("h1").await;
-    let args: Vec<String> = [
-        "redis-server",
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    h1.run("redis", "redis", &args, &[])
-        .await
-        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
-    let a1 = lab.lab.host("h1").expect("h1").address.to_string();
+    let a1 = lab.start_redis("h1", "redis", None).await;
     let a2 = lab.lab.host("h2").expect("h2").address.to_string();
-    wait_for("redis on h1", Duration::from_secs(20), || {
-        let out = lab
-            .lab
-            .exec(
-                "client",
-                &["redis-cli".into(), "-h".into(), a1.clone(), "PING".into()],
-            )
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains("PONG")
-            .then_some(())
-    })
-    .await;
     lab.client_exec(&[
         "redis-cli",
         "-h",

@@ -8,49 +8,9 @@ use xfer_agent::client::{MigrateOptions, Mode};
 use xfer_tests::{chain, task_pid, wait_for, TestLab};
 
 async fn redis_with_data(lab: &TestLab) -> String {
-    lab.import("h1", "redis").await;
-    let mut h1 = lab.agent("h1").await;
-    let addr = lab.lab.service_address(2);
-    let ip = addr.split('/').next().expect("ip").to_string();
-    let args: Vec<String> = [
-        "redis-server",
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    h1.run_with_address(
-        "redis",
-        "redis",
-        &args,
-        &[],
-        &addr,
-        &lab.lab.gateway.to_string(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
-    wait_for("redis", Duration::from_secs(20), || {
-        let out = lab
-            .lab
-            .exec(
-                "client",
-                &["redis-cli".into(), "-h".into(), ip.clone(), "PING".into()],
-            )
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains("PONG")
-            .then_some(())
-    })
-    .await;
+    let ip = lab
+        .start_redis("h1", "redis", Some(&lab.lab.service_address(2)))
+        .await;
     lab.client_exec(&[
         "redis-cli",
         "-h",

@@ -38,12 +38,10 @@ async fn emit(tx: &Events, p: &PhaseTiming, phases: &mut Vec<PhaseTiming>) {
         .await;
 }
 
-/// Opens a channel to a peer agent (with mutual TLS when `tls` is given) and checks
-/// its protocol version.
-pub async fn connect_peer(
-    endpoint: &str,
-    tls: Option<&TlsFiles>,
-) -> Result<(AgentClient<Channel>, HelloReply), AgentError> {
+/// A channel to another agent: mutual TLS when `tls` is given (an `https` endpoint
+/// without it is refused), and HTTP/2 keep-alive so that a cut link or a dead peer
+/// fails a call within seconds instead of hanging it.
+pub async fn open_channel(endpoint: &str, tls: Option<&TlsFiles>) -> Result<Channel, AgentError> {
     let conn_err = |source| AgentError::Connect {
         endpoint: endpoint.to_string(),
         source,
@@ -51,7 +49,6 @@ pub async fn connect_peer(
     let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(conn_err)?
         .connect_timeout(std::time::Duration::from_secs(5))
-        // A cut link or a dead peer fails the call within ~10 s instead of hanging.
         .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
@@ -64,7 +61,16 @@ pub async fn connect_peer(
         }
         None => {}
     }
-    let ch = ep.connect().await.map_err(conn_err)?;
+    ep.connect().await.map_err(conn_err)
+}
+
+/// Opens a channel to a peer agent (with mutual TLS when `tls` is given) and checks
+/// its protocol version.
+pub async fn connect_peer(
+    endpoint: &str,
+    tls: Option<&TlsFiles>,
+) -> Result<(AgentClient<Channel>, HelloReply), AgentError> {
+    let ch = open_channel(endpoint, tls).await?;
     let mut c = AgentClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

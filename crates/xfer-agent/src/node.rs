@@ -184,21 +184,7 @@ impl Node {
         &self,
         endpoint: &str,
     ) -> Result<Arc<dyn crate::chunks::ChunkPeer>, AgentError> {
-        let conn_err = |source| AgentError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        };
-        let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .map_err(conn_err)?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            // A cut link or a dead peer fails the call within ~10 s instead of hanging.
-            .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        if let Some(t) = &self.cfg.tls {
-            ep = ep.tls_config(t.client_config()?).map_err(conn_err)?;
-        }
-        let ch = ep.connect().await.map_err(conn_err)?;
+        let ch = crate::migrate::open_channel(endpoint, self.cfg.tls.as_ref()).await?;
         Ok(Arc::new(crate::chunks::GrpcPeer::new(endpoint, ch)))
     }
 
