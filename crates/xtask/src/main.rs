@@ -1,5 +1,6 @@
 //! Developer tasks for xfer: `cargo xtask setup | test | demo | bench <name>`.
 
+mod bench_downtime;
 mod ci;
 mod demo;
 mod parse;
@@ -27,10 +28,14 @@ enum Cmd {
     Test(ci::TestArgs),
     /// setup, build, start a 3-node lab, run redis on h1, cold-migrate it to h2, lab down.
     Demo(demo::DemoArgs),
-    /// Benchmarks (not implemented yet).
+    /// Benchmarks: `downtime` (see `cargo xtask bench downtime --help`).
+    #[command(disable_help_flag = true)]
     Bench {
         /// Benchmark name.
         name: String,
+        /// Options of that benchmark.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -65,10 +70,13 @@ fn main() {
         Cmd::Setup(args) => setup::setup(args),
         Cmd::Test(args) => ci::test(args),
         Cmd::Demo(args) => demo::demo(args),
-        Cmd::Bench { name } => {
-            println!("bench {name}: not implemented yet");
-            std::process::exit(2);
-        }
+        Cmd::Bench { name, args } => match name.as_str() {
+            "downtime" => bench_downtime::main(args),
+            _ => {
+                println!("bench {name}: not implemented yet");
+                std::process::exit(2);
+            }
+        },
     };
     reap_orphans();
     if let Err(e) = result {
