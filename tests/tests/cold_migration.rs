@@ -8,6 +8,15 @@ use xfer_tests::{chain, read_in, task_pid, wait_for, TestLab};
 
 const COUNTER: &str = "rm /bin/wc; echo kept > /written; i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done";
 
+/// Starts the busybox counter as `counter`; returns its pid.
+async fn start_counter(agent: &mut xfer_agent::client::Client) -> u32 {
+    let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
+    agent
+        .run("counter", "busybox", &args, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run: {}", chain(&e)))
+}
+
 fn count(pid: u32) -> Option<u64> {
     read_in(pid, "/count").and_then(|s| s.parse().ok())
 }
@@ -18,11 +27,7 @@ async fn cold_busybox_counter_keeps_counting_and_its_writable_layer() {
     lab.import("h1", "busybox").await;
     let mut h1 = lab.agent("h1").await;
     let mut h2 = lab.agent("h2").await;
-    let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
-    let pid = h1
-        .run("counter", "busybox", &args, &[])
-        .await
-        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    let pid = start_counter(&mut h1).await;
     // Let it count for a while.
     let before = wait_for("counter >= 20", Duration::from_secs(20), || {
         count(pid).filter(|c| *c >= 20)
@@ -158,11 +163,7 @@ async fn failure_at_restore_leaves_the_source_running() {
     lab.import("h1", "busybox").await;
     let mut h1 = lab.agent("h1").await;
     let mut h2 = lab.agent("h2").await;
-    let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
-    let pid = h1
-        .run("counter", "busybox", &args, &[])
-        .await
-        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    let pid = start_counter(&mut h1).await;
     let before = wait_for("counter >= 10", Duration::from_secs(20), || {
         count(pid).filter(|c| *c >= 10)
     })
@@ -209,10 +210,7 @@ async fn bad_input_is_refused_before_anything_freezes() {
     let lab = TestLab::up("tcv", 2).await;
     lab.import("h1", "busybox").await;
     let mut h1 = lab.agent("h1").await;
-    let args: Vec<String> = vec!["sh".into(), "-c".into(), COUNTER.into()];
-    h1.run("counter", "busybox", &args, &[])
-        .await
-        .unwrap_or_else(|e| panic!("run: {}", chain(&e)));
+    start_counter(&mut h1).await;
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
     let me = lab.lab.host("h1").expect("h1").endpoint.clone();
     let unknown = h1

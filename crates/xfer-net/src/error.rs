@@ -145,6 +145,18 @@ pub enum NetError {
         source: io::Error,
     },
 
+    /// Setting a link's MAC address failed.
+    #[error("cannot set the MAC address of link {name}{ns}{}", hint(.source))]
+    SetMac {
+        /// The link name.
+        name: String,
+        /// Where the link lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
     /// Setting a link up failed.
     #[error("cannot set link {name}{ns} up{}", hint(.source))]
     SetLinkUp {
@@ -386,6 +398,7 @@ impl NetError {
             | NetError::CreateLink { source, .. }
             | NetError::DeleteLink { source, .. }
             | NetError::SetLinkUp { source, .. }
+            | NetError::SetMac { source, .. }
             | NetError::SetMaster { source, .. }
             | NetError::ListLinks { source, .. }
             | NetError::AddAddress { source, .. }

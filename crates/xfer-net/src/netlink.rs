@@ -251,7 +251,7 @@ impl NetOps for Netlink {
     async fn set_mac(&self, ns: Ns<'_>, name: &str, mac: [u8; 6]) -> Result<(), NetError> {
         validate_ifname(name)?;
         let handle = self.handle(ns).await?;
-        let err = |source| NetError::SetLinkUp {
+        let err = |source| NetError::SetMac {
             name: name.to_owned(),
             ns: ns.into(),
             source,
