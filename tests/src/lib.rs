@@ -42,6 +42,14 @@ pub fn xferd_path() -> PathBuf {
     p
 }
 
+/// `prefix` with `XFER_TEST_LAB_TAG` appended (see [`TestLab::up`]).
+pub fn lab_prefix(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        std::env::var("XFER_TEST_LAB_TAG").unwrap_or_default()
+    )
+}
+
 /// A lab that goes down when dropped, also when the test panics.
 #[derive(Debug)]
 pub struct TestLab {
@@ -50,9 +58,13 @@ pub struct TestLab {
 
 impl TestLab {
     /// Brings up a lab with `nodes` hosts under `prefix` (clearing leftovers first).
+    ///
+    /// `XFER_TEST_LAB_TAG` (lowercase letters and digits) is appended to the prefix, so
+    /// two checkouts can run the end-to-end tests at the same time.
     pub async fn up(prefix: &str, nodes: usize) -> TestLab {
         require_root_stack();
         become_subreaper();
+        let prefix = &lab_prefix(prefix);
         let lab = xfer_lab::up(&LabSpec {
             prefix: prefix.to_string(),
             nodes,

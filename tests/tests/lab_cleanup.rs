@@ -16,17 +16,17 @@ fn alive(pid: u32) -> bool {
 }
 
 /// Takes the lab down when dropped, also if an assertion fails.
-struct Down(&'static str);
+struct Down(String);
 
 impl Drop for Down {
     fn drop(&mut self) {
-        let p = self.0;
+        let p = self.0.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(xfer_lab::down(p))
+            rt.block_on(xfer_lab::down(&p))
         })
         .join();
         xfer_tests::reap_orphans();
@@ -82,8 +82,8 @@ fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
 async fn lab_down_leaves_nothing_even_after_a_crash() {
     require_root_stack();
     xfer_tests::become_subreaper();
-    let prefix = "tcl";
-    let lab = TestLab::up(prefix, 2).await;
+    let prefix = &xfer_tests::lab_prefix("tcl");
+    let lab = TestLab::up("tcl", 2).await;
     lab.import("h1", "busybox").await;
     let mut h1 = lab.agent("h1").await;
     let args: Vec<String> = vec!["sleep".into(), "1000".into()];
@@ -101,9 +101,9 @@ async fn lab_down_leaves_nothing_even_after_a_crash() {
     // Simulate a crash: forget the lab without taking it down, then bring up a new
     // lab of the same prefix, which must clear the old one first.
     std::mem::forget(lab);
-    let _down = Down(prefix);
+    let _down = Down(prefix.clone());
     let again = xfer_lab::up(&LabSpec {
-        prefix: prefix.into(),
+        prefix: prefix.to_string(),
         nodes: 1,
         rates: vec![],
         xferd: xferd_path(),
