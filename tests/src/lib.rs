@@ -70,6 +70,7 @@ impl TestLab {
             nodes,
             rates: Vec::new(),
             xferd: xferd_path(),
+            handover: Default::default(),
         })
         .await
         .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));

@@ -107,6 +107,7 @@ async fn lab_down_leaves_nothing_even_after_a_crash() {
         nodes: 1,
         rates: vec![],
         xferd: xferd_path(),
+        handover: Default::default(),
     })
     .await
     .unwrap_or_else(|e| panic!("lab up over a crashed lab: {}", chain(&e)));

@@ -128,22 +128,65 @@ impl Client {
         address: &str,
         gateway: &str,
     ) -> Result<u32, AgentError> {
+        self.run_request(RunContainerRequest {
+            address: address.to_string(),
+            gateway: gateway.to_string(),
+            network: if address.is_empty() {
+                NetworkMode::Unspecified as i32
+            } else {
+                NetworkMode::Bridged as i32
+            },
+            ..run_request(id, image, args, env)
+        })
+        .await
+    }
+
+    /// Starts a container with a routed home address (`home`, an IPv4 address): this
+    /// node becomes its home agent and forwards its traffic wherever it migrates.
+    /// `reverse_tunnel`: after a migration its outbound traffic goes back through the
+    /// home agent too.
+    pub async fn run_routed(
+        &mut self,
+        id: &str,
+        image: &str,
+        args: &[String],
+        env: &[String],
+        home: std::net::Ipv4Addr,
+        reverse_tunnel: bool,
+    ) -> Result<u32, AgentError> {
+        self.run_request(RunContainerRequest {
+            address: format!("{home}/32"),
+            network: NetworkMode::Routed as i32,
+            reverse_tunnel,
+            ..run_request(id, image, args, env)
+        })
+        .await
+    }
+
+    /// Starts a container as `req` says.
+    pub async fn run_request(&mut self, req: RunContainerRequest) -> Result<u32, AgentError> {
         let r = self
             .inner
-            .run_container(RunContainerRequest {
-                id: id.to_string(),
-                image: image.to_string(),
-                args: args.to_vec(),
-                env: env.to_vec(),
-                address: address.to_string(),
-                gateway: gateway.to_string(),
-            })
+            .run_container(req)
             .await
             .map_err(|status| AgentError::Peer {
                 step: Step::Validate,
                 status,
             })?;
         Ok(r.into_inner().pid)
+    }
+
+    /// The bindings this node holds as home agent, then every change (see
+    /// [`crate::rebind`]).
+    pub async fn watch_bindings(&mut self) -> Result<tonic::Streaming<BindingEvent>, AgentError> {
+        let r = self
+            .inner
+            .watch_bindings(WatchBindingsRequest {
+                version: xfer_proto::PROTOCOL_VERSION as i32,
+            })
+            .await
+            .map_err(|status| AgentError::Remote { status })?;
+        Ok(r.into_inner())
     }
 
     /// Lists the node's containers.
@@ -235,5 +278,16 @@ impl Client {
             }
         }
         Err(AgentError::StreamClosed)
+    }
+}
+
+/// A request to run `args` from `image` as container `id`, in the host's namespace.
+fn run_request(id: &str, image: &str, args: &[String], env: &[String]) -> RunContainerRequest {
+    RunContainerRequest {
+        id: id.to_string(),
+        image: image.to_string(),
+        args: args.to_vec(),
+        env: env.to_vec(),
+        ..Default::default()
     }
 }

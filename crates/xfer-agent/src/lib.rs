@@ -25,10 +25,12 @@
 pub mod chunks;
 pub mod client;
 pub mod error;
+pub mod handover;
 pub mod images;
 pub mod migrate;
 pub mod netctl;
 pub mod node;
+pub mod rebind;
 pub mod sync;
 pub mod tls;
 pub mod transfer;

@@ -153,6 +153,13 @@ pub async fn run(
             hello.node, hello.criu_version
         )));
     }
+    let attachment = crate::netctl::from_labels(&record.labels)?;
+    if matches!(attachment, Some(crate::netctl::Attachment::Routed { .. })) && !hello.handover {
+        return Err(AgentError::Refused(format!(
+            "container {id} has a routed home address, but destination {} runs no handover (xferd --mobility-address, --cluster-key)",
+            hello.node
+        )));
+    }
     let image = images::info(rt, &record.image)
         .await
         .map_err(rt_err(Step::Validate))?
@@ -207,6 +214,7 @@ pub async fn run(
     let (downtime_us, bytes_sent, pid) = match result {
         Ok(v) => {
             // The source copy is gone; so goes its own network namespace.
+            node.net_departed(&record.labels).await;
             if let Some(cn) = &node.cfg.container_net {
                 if let Err(e) = cn.detach(id).await {
                     warn!(error = %e, "could not remove the source container's namespace");
@@ -216,6 +224,29 @@ pub async fn run(
         }
         Err((step, e)) => {
             warn!(?step, error = %e, "aborting migration");
+            // A routed container stays here: make sure its home agent forwards here
+            // (the destination may have registered before the failure).
+            if let (
+                Some(mob),
+                Some(crate::netctl::Attachment::Routed {
+                    home,
+                    home_agent,
+                    reverse_tunnel,
+                }),
+            ) = (&node.cfg.mobility, attachment)
+            {
+                if let Err(e) = mob
+                    .arrived(
+                        home,
+                        home_agent,
+                        reverse_tunnel,
+                        &crate::netctl::host_if(id),
+                    )
+                    .await
+                {
+                    warn!(error = %e, "re-registering the resumed container's binding failed");
+                }
+            }
             // Tell the destination to drop what it made; retried with backoff in the
             // background, since the failure may be the link itself.
             let mut abort_peer = peer.clone();

@@ -38,6 +38,9 @@ pub struct NodeConfig {
     /// Where containers with their own address get their namespace (host namespace
     /// and bridge); `None`: such containers are refused here.
     pub container_net: Option<crate::netctl::ContainerNet>,
+    /// The handover (home agent and care-of roles) for routed containers; `None`:
+    /// routed containers are refused here.
+    pub mobility: Option<crate::handover::Mobility>,
 }
 
 /// A migration this node receives.
@@ -151,6 +154,44 @@ impl Node {
             self.cleanup_inbound(mid).await;
         }
         stale.len()
+    }
+
+    /// After an agent restart: the routed containers still running here take up
+    /// their handover again (served as home agent, or re-registered with their home
+    /// agent in the background).
+    pub async fn resume_handover(&self) -> Result<(), AgentError> {
+        let Some(mob) = self.cfg.mobility.clone() else {
+            return Ok(());
+        };
+        let list = self.rt.list().await.map_err(|source| AgentError::Runtime {
+            step: Step::Validate,
+            source,
+        })?;
+        for c in list {
+            let Ok(rec) = self.rt.container(&c.id).await else {
+                continue;
+            };
+            let Ok(Some(crate::netctl::Attachment::Routed {
+                home,
+                home_agent,
+                reverse_tunnel,
+            })) = crate::netctl::from_labels(&rec.labels)
+            else {
+                continue;
+            };
+            let hif = crate::netctl::host_if(&c.id);
+            if home_agent == mob.address() {
+                mob.serve_home(home, &hif).await?;
+            } else {
+                let mob = mob.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = mob.arrived(home, home_agent, reverse_tunnel, &hif).await {
+                        warn!(%home, error = %e, "re-registering after a restart failed");
+                    }
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The node's containerd.
@@ -367,8 +408,9 @@ impl Node {
 
         let t = Instant::now();
         // A container with its own address gets the same namespace and address here.
-        let netns = match self.attach_from_labels(id, &req.labels).await {
-            Ok(p) => p,
+        let (netns, attachment) = match self.attach_from_labels(id, &req.labels).await {
+            Ok(Some((p, a))) => (Some(p), Some(a)),
+            Ok(None) => (None, None),
             Err(e) => {
                 cleanup_all(self.clone(), id.to_string()).await;
                 return Err(e.to_status());
@@ -430,13 +472,28 @@ impl Node {
             }
         };
         phases.push(phase("dst.criu_restore", t, 0));
+        if let Some(crate::netctl::Attachment::Routed {
+            home,
+            home_agent,
+            reverse_tunnel,
+        }) = attachment
+        {
+            // The home agent must forward to us before we call the restore done.
+            let t = Instant::now();
+            let mob = self.cfg.mobility.as_ref().expect("checked by attach");
+            let hif = crate::netctl::host_if(id);
+            if let Err(e) = mob.arrived(home, home_agent, reverse_tunnel, &hif).await {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(e.to_status());
+            }
+            phases.push(phase("dst.binding", t, 0));
+        }
         // Tell the link where the address lives now (the same L2 segment as before).
-        if let (Some(cn), Ok(Some((addr, _)))) = (
-            &self.cfg.container_net,
-            crate::netctl::from_labels(&req.labels),
-        ) {
+        if let (Some(cn), Some(crate::netctl::Attachment::Bridged { address, .. })) =
+            (&self.cfg.container_net, attachment)
+        {
             let ns = cn.netns_name(id);
-            let ip = addr.addr();
+            let ip = address.addr();
             let sent = tokio::task::spawn_blocking(move || {
                 xfer_net::send_gratuitous_arp(xfer_net::Ns::Named(&ns), "eth0", ip, None)
             })
@@ -453,8 +510,8 @@ impl Node {
         &self,
         id: &str,
         labels: &HashMap<String, String>,
-    ) -> Result<Option<PathBuf>, AgentError> {
-        let Some((addr, gw)) = crate::netctl::from_labels(labels)? else {
+    ) -> Result<Option<(PathBuf, crate::netctl::Attachment)>, AgentError> {
+        let Some(how) = crate::netctl::from_labels(labels)? else {
             return Ok(None);
         };
         let cn = self.cfg.container_net.as_ref().ok_or_else(|| {
@@ -463,11 +520,30 @@ impl Node {
                 self.cfg.name
             ))
         })?;
-        Ok(Some(cn.attach(id, addr, gw).await?))
+        if matches!(how, crate::netctl::Attachment::Routed { .. }) && self.cfg.mobility.is_none() {
+            return Err(AgentError::Refused(format!(
+                "node {} takes no routed containers: start xferd with --mobility-address and --cluster-key",
+                self.cfg.name
+            )));
+        }
+        Ok(Some((cn.attach(id, &how).await?, how)))
+    }
+
+    /// A routed container is leaving this node (migrated on, or discarded): the
+    /// handover forgets it here.
+    pub(crate) async fn net_departed(&self, labels: &HashMap<String, String>) {
+        if let (Some(mob), Ok(Some(crate::netctl::Attachment::Routed { home, .. }))) =
+            (&self.cfg.mobility, crate::netctl::from_labels(labels))
+        {
+            mob.departed(home).await;
+        }
     }
 
     /// Removes a container, its task, snapshot and own network namespace.
     pub async fn discard(&self, id: &str) {
+        if let Ok(rec) = self.rt.container(id).await {
+            self.net_departed(&rec.labels).await;
+        }
         if let Err(e) = self.rt.remove(id).await {
             warn!(container = id, error = %e, "remove container");
         }
@@ -500,6 +576,13 @@ impl Agent for Node {
             criu_version: self.criu.version.clone(),
             criu_ok: self.criu.usable(),
             mem_dirty_track: self.criu.mem_dirty_track,
+            handover: self.cfg.mobility.is_some(),
+            tunnel_kind: self
+                .cfg
+                .mobility
+                .as_ref()
+                .map(|m| m.tunnel_kind().to_string())
+                .unwrap_or_default(),
         }))
     }
 
@@ -518,9 +601,38 @@ impl Agent for Node {
                 ))
             })?;
         let mut labels = HashMap::new();
+        let routed = r.network == NetworkMode::Routed as i32;
         if !r.address.is_empty() {
-            labels.insert(crate::netctl::ADDRESS_LABEL.to_string(), r.address.clone());
-            labels.insert(crate::netctl::GATEWAY_LABEL.to_string(), r.gateway.clone());
+            let address: xfer_net::Ipv4Cidr = r.address.parse().map_err(|_| {
+                refuse(format!(
+                    "--address {:?} is not an IPv4 address with a prefix (e.g. 10.1.2.200/24)",
+                    r.address
+                ))
+            })?;
+            let how = if routed {
+                let mob = self.cfg.mobility.as_ref().ok_or_else(|| {
+                    refuse(format!(
+                        "node {} takes no routed containers: start xferd with --mobility-address and --cluster-key",
+                        self.cfg.name
+                    ))
+                })?;
+                crate::netctl::Attachment::Routed {
+                    home: address.addr(),
+                    home_agent: mob.address(),
+                    reverse_tunnel: r.reverse_tunnel,
+                }
+            } else {
+                let gateway = r.gateway.parse().map_err(|_| {
+                    refuse(format!(
+                        "--gateway {:?} is not an IPv4 address (a bridged container needs one)",
+                        r.gateway
+                    ))
+                })?;
+                crate::netctl::Attachment::Bridged { address, gateway }
+            };
+            labels.extend(how.labels());
+        } else if routed {
+            return Err(refuse("a routed container needs an address (--address)"));
         }
         xfer_runtime::containerd::validate_id(&r.id).map_err(rt_err(Step::Validate))?;
         if self.rt.container(&r.id).await.is_ok() {
@@ -529,10 +641,21 @@ impl Agent for Node {
                 self.cfg.name, r.id
             )));
         }
-        let netns = self
+        let attached = self
             .attach_from_labels(&r.id, &labels)
             .await
             .map_err(|e| e.to_status())?;
+        if let (Some((_, crate::netctl::Attachment::Routed { home, .. })), Some(mob)) =
+            (&attached, &self.cfg.mobility)
+        {
+            if let Err(e) = mob.serve_home(*home, &crate::netctl::host_if(&r.id)).await {
+                if let Some(cn) = &self.cfg.container_net {
+                    let _ = cn.detach(&r.id).await;
+                }
+                return Err(e.to_status());
+            }
+        }
+        let netns = attached.map(|(p, _)| p);
         let pid = match self
             .rt
             .run(
@@ -581,10 +704,16 @@ impl Agent for Node {
         req: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerReply>, Status> {
         let id = req.into_inner().id;
-        self.rt
+        let rec = self
+            .rt
             .container(&id)
             .await
             .map_err(rt_err(Step::Validate))?;
+        if let (Some(mob), Ok(Some(crate::netctl::Attachment::Routed { home, .. }))) =
+            (&self.cfg.mobility, crate::netctl::from_labels(&rec.labels))
+        {
+            mob.retire(home).await;
+        }
         self.rt
             .remove(&id)
             .await
@@ -826,6 +955,62 @@ impl Agent for Node {
                 Err(s)
             }
         }
+    }
+
+    type WatchBindingsStream = Pin<Box<dyn Stream<Item = Result<BindingEvent, Status>> + Send>>;
+
+    async fn watch_bindings(
+        &self,
+        req: Request<WatchBindingsRequest>,
+    ) -> Result<Response<Self::WatchBindingsStream>, Status> {
+        xfer_proto::check_version(req.get_ref().version)
+            .map_err(|e| AgentError::Decode(e).to_status())?;
+        let mob = self.cfg.mobility.clone().ok_or_else(|| {
+            refuse(format!(
+                "node {} runs no handover (xferd --mobility-address, --cluster-key)",
+                self.cfg.name
+            ))
+        })?;
+        let (current, mut rx) = mob.subscribe().await;
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let kind = mob.tunnel_kind().to_string();
+        let ha = mob.address().to_string();
+        let event = move |n: &crate::handover::Notice| crate::rebind::to_event(n, &kind, &ha);
+        tokio::spawn(async move {
+            for n in &current {
+                if tx.send(Ok(event(n))).await.is_err() {
+                    return;
+                }
+            }
+            let synced = BindingEvent {
+                kind: BindingEventKind::Synced as i32,
+                ..Default::default()
+            };
+            if tx.send(Ok(synced)).await.is_err() {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(n) => {
+                        if tx.send(Ok(event(&n))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "the watcher fell {k} binding events behind; watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn abort(&self, req: Request<AbortRequest>) -> Result<Response<AbortReply>, Status> {

@@ -61,6 +61,15 @@ enum Cmd {
         /// Default gateway for --address (default: the lab's gateway).
         #[arg(long)]
         gateway: Option<String>,
+        /// Routed home address instead of a bridged one: the host routes --address
+        /// (an IPv4 address; in a lab `home:K` picks the host's K-th home address),
+        /// becomes its home agent, and tunnels its traffic wherever it migrates.
+        #[arg(long, requires = "address")]
+        routed: bool,
+        /// With --routed: after a migration, send the container's outbound traffic
+        /// back through the home agent (networks with ingress filtering).
+        #[arg(long, requires = "routed")]
+        reverse_tunnel: bool,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         args: Vec<String>,
@@ -75,6 +84,34 @@ enum Cmd {
         #[arg(long)]
         host: String,
         name: String,
+    },
+    /// The bindings a host holds as home agent (its routed containers that run
+    /// elsewhere, and where).
+    Bindings {
+        /// The home agent (lab name or endpoint).
+        #[arg(long)]
+        on: String,
+        /// Keep printing changes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Route optimisation: route the home agent's home addresses straight to their
+    /// care-of hosts, so this client's traffic stops crossing the home agent.
+    Rebind {
+        /// The home agent (lab name or endpoint).
+        #[arg(long)]
+        home_agent: String,
+        /// Only this home address.
+        #[arg(long)]
+        home: Option<std::net::Ipv4Addr>,
+        /// Install the routes in this network namespace (default: this process's;
+        /// `client` means the lab's client namespace).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Keep following binding changes (rebinding again when a container moves on,
+        /// removing the route when it comes home) until interrupted.
+        #[arg(long)]
+        follow: bool,
     },
     /// Migrate a running container to another host.
     Migrate {
@@ -117,6 +154,12 @@ enum LabCmd {
         /// The xferd binary (default: next to this binary).
         #[arg(long)]
         xferd: Option<PathBuf>,
+        /// Binding lifetime the agents ask for as care-of hosts, seconds.
+        #[arg(long, default_value_t = 60)]
+        binding_lifetime: u32,
+        /// Seconds after which a home agent removes a tunnel nothing crossed (0: never).
+        #[arg(long, default_value_t = 300)]
+        tunnel_idle: u64,
     },
     /// Remove everything the lab made.
     Down,
@@ -231,10 +274,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             env,
             address,
             gateway,
+            routed,
+            reverse_tunnel,
             args,
         } => {
             let mut c = connect(&g, &host).await?;
             let pid = match address {
+                Some(a) if routed => {
+                    let home = match a.strip_prefix("home:") {
+                        Some(k) => Lab::load(&g.prefix)
+                            .context("--address home:K needs a lab")?
+                            .home_address(&host, k.parse().context("home:K wants a number")?)?,
+                        None => a
+                            .trim_end_matches("/32")
+                            .parse()
+                            .with_context(|| format!("--address {a:?} is not an IPv4 address"))?,
+                    };
+                    let pid = c
+                        .run_routed(&name, &image, &args, &env, home, reverse_tunnel)
+                        .await?;
+                    println!("{name} has home address {home}, home agent {host}");
+                    pid
+                }
                 Some(a) => {
                     let gw = match gateway {
                         Some(gw) => gw,
@@ -266,6 +327,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = connect(&g, &host).await?;
             c.remove(&name).await?;
             println!("removed {name} from {host}");
+            Ok(())
+        }
+        Cmd::Bindings { on, watch } => {
+            let mut c = connect(&g, &on).await?;
+            let mut stream = c.watch_bindings().await?;
+            println!(
+                "{:<10} {:<16} {:<16} {:>5} {:>9} TUNNEL",
+                "EVENT", "HOME", "CARE-OF", "SEQ", "LIFETIME"
+            );
+            while let Some(ev) = stream.message().await? {
+                let kind = xfer_proto::v1::BindingEventKind::try_from(ev.kind)
+                    .map(|k| {
+                        k.as_str_name()
+                            .trim_start_matches("BINDING_EVENT_KIND_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_else(|_| format!("kind {}", ev.kind));
+                if ev.kind == xfer_proto::v1::BindingEventKind::Synced as i32 {
+                    if !watch {
+                        break;
+                    }
+                    continue;
+                }
+                println!(
+                    "{:<10} {:<16} {:<16} {:>5} {:>8}s {} {}",
+                    kind,
+                    ev.home_address,
+                    ev.care_of,
+                    ev.sequence,
+                    ev.lifetime_secs,
+                    ev.tunnel,
+                    ev.tunnel_kind
+                );
+            }
+            Ok(())
+        }
+        Cmd::Rebind {
+            home_agent,
+            home,
+            netns,
+            follow,
+        } => {
+            let netns = match netns.as_deref() {
+                Some("client") => Some(Lab::load(&g.prefix)?.client.netns),
+                other => other.map(str::to_string),
+            };
+            let mut c = connect(&g, &home_agent).await?;
+            let mut stream = c.watch_bindings().await?;
+            let mut rb = xfer_agent::rebind::Rebinder::new(netns, home)?;
+            xfer_agent::rebind::run(&mut stream, &mut rb, follow, |ev, r| match r {
+                xfer_agent::rebind::Rebound::Direct { home, care_of } => {
+                    println!("{home}: direct via {care_of}")
+                }
+                xfer_agent::rebind::Rebound::Home { home } => {
+                    println!("{home}: direct route removed (home agent forwards again)")
+                }
+                xfer_agent::rebind::Rebound::Unchanged => {
+                    let _ = ev;
+                }
+            })
+            .await?;
             Ok(())
         }
         Cmd::Migrate {
@@ -366,6 +488,8 @@ async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
             nodes,
             rates,
             xferd,
+            binding_lifetime,
+            tunnel_idle,
         } => {
             let xferd = match xferd {
                 Some(p) => p,
@@ -384,6 +508,10 @@ async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
                 nodes,
                 rates,
                 xferd,
+                handover: xfer_lab::HandoverSpec {
+                    binding_lifetime_secs: binding_lifetime,
+                    tunnel_idle_secs: tunnel_idle,
+                },
             })
             .await?;
             println!(

@@ -120,6 +120,10 @@ pub struct Lab {
     pub gateway: Ipv4Addr,
     pub hosts: Vec<LabHost>,
     pub client: LabClient,
+    /// The /24 the hosts' home networks for routed containers come from: host `hN`
+    /// owns the /28 at `.16*N` ([`Lab::home_address`]).
+    #[serde(default)]
+    pub home_base: Option<Ipv4Addr>,
 }
 
 /// How to bring a lab up.
@@ -131,6 +135,39 @@ pub struct LabSpec {
     pub rates: Vec<(String, u64)>,
     /// The xferd binary.
     pub xferd: PathBuf,
+    /// The agents' handover settings.
+    pub handover: HandoverSpec,
+}
+
+/// The agents' handover settings in a lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoverSpec {
+    /// Binding lifetime care-of hosts ask for, seconds.
+    pub binding_lifetime_secs: u32,
+    /// Idle time after which a home agent removes a tunnel, seconds (0: never).
+    pub tunnel_idle_secs: u64,
+}
+
+impl Default for HandoverSpec {
+    fn default() -> Self {
+        HandoverSpec {
+            binding_lifetime_secs: 60,
+            tunnel_idle_secs: 300,
+        }
+    }
+}
+
+/// The /24 of a lab's home networks: 10.(200..=255).Y.0 for the lab subnet 10.X.Y.0.
+pub fn home_base_for(subnet: Ipv4Addr) -> Ipv4Addr {
+    let o = subnet.octets();
+    Ipv4Addr::new(10, 200 + (o[1].saturating_sub(100) % 56), o[2], 0)
+}
+
+/// Host `n`'s home network (a /28) in a lab with home base `base`.
+pub fn home_network(base: Ipv4Addr, n: u8) -> xfer_net::Ipv4Cidr {
+    let o = base.octets();
+    xfer_net::Ipv4Cidr::new(Ipv4Addr::new(o[0], o[1], o[2], n.saturating_mul(16)), 28)
+        .unwrap_or_else(|_| unreachable!("28 is a valid prefix length"))
 }
 
 /// Checks a lab prefix: short enough that `P-client` fits an interface name.
@@ -258,6 +295,28 @@ impl Lab {
     }
 
     /// The `n`-th address for containers with their own address (`.200 + n`), as CIDR.
+    /// Home address number `k` (1..=14) of host `host` (`hN`): an address of the
+    /// host's home network, for a routed container started there.
+    pub fn home_address(&self, host: &str, k: u8) -> Result<Ipv4Addr, LabError> {
+        let n: u8 = host
+            .strip_prefix('h')
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=15).contains(n))
+            .ok_or_else(|| LabError::Start {
+                what: "home address".into(),
+                detail: format!("host {host:?}: home networks exist for h1..h15"),
+            })?;
+        if !(1..=14).contains(&k) {
+            return Err(LabError::Start {
+                what: "home address".into(),
+                detail: format!("address number {k}: use 1..=14"),
+            });
+        }
+        let base = self.home_base.unwrap_or_else(|| home_base_for(self.subnet));
+        let o = home_network(base, n).network().octets();
+        Ok(Ipv4Addr::new(o[0], o[1], o[2], o[3] + k))
+    }
+
     pub fn service_address(&self, n: u8) -> String {
         format!("{}/24", host_addr(self.subnet, 200u8.saturating_add(n)))
     }
@@ -464,6 +523,22 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         }
     })?;
 
+    // The cluster key binding updates are signed with.
+    let cluster_key = tls_dir.join("cluster.key");
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
+        .map_err(|source| LabError::Io {
+            op: "read",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+    std::fs::write(&cluster_key, hex::encode(secret)).map_err(|source| LabError::Io {
+        op: "write",
+        path: cluster_key.clone(),
+        source,
+    })?;
+
     let client = LabClient {
         netns: format!("{p}-client"),
         address: host_addr(subnet, 100),
@@ -535,7 +610,15 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             .arg(&logs)
             .arg("--tls-dir")
             .arg(&tls_dir)
-            .args(["--bridge", HOST_BRIDGE]);
+            .args(["--bridge", HOST_BRIDGE])
+            .arg("--mobility-address")
+            .arg(address.to_string())
+            .arg("--cluster-key")
+            .arg(&cluster_key)
+            .arg("--binding-lifetime")
+            .arg(spec.handover.binding_lifetime_secs.to_string())
+            .arg("--tunnel-idle")
+            .arg(spec.handover.tunnel_idle_secs.to_string());
         let xferd_pid = spawn_daemon(&netns, cmd, &xlog, &format!("xferd of {name}"))?;
         wait_for_port(
             address,
@@ -559,6 +642,32 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
             rate_bits: rate,
         });
     }
+    // Home networks: every other namespace routes host hN's /28 to hN.
+    let home_base = home_base_for(subnet);
+    for (i, h) in hosts.iter().enumerate() {
+        let home_net = home_network(home_base, (i + 1) as u8);
+        let route = xfer_net::RouteSpec {
+            destination: home_net,
+            via: xfer_net::RouteVia::Gateway {
+                gateway: h.address,
+                dev: None,
+                onlink: false,
+            },
+            table: xfer_net::TABLE_MAIN,
+            metric: None,
+            source: None,
+        };
+        let others = hosts
+            .iter()
+            .filter(|o| o.name != h.name)
+            .map(|o| o.netns.clone())
+            .chain([client.netns.clone()]);
+        for ns in others {
+            net.add_route(Ns::Named(&ns), &route)
+                .await
+                .map_err(net_err(format!("route {home_net} in {ns}")))?;
+        }
+    }
     let lab = Lab {
         prefix: p.clone(),
         tls_dir,
@@ -567,6 +676,7 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         gateway,
         hosts,
         client,
+        home_base: Some(home_base),
     };
     let text = serde_json::to_string_pretty(&lab).map_err(|e| LabError::Io {
         op: "encode",

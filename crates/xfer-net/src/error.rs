@@ -325,6 +325,18 @@ pub enum NetError {
         source: io::Error,
     },
 
+    /// Reading or writing an IPv4 setting (`/proc/sys/net/ipv4`) failed.
+    #[error("cannot set {name}{ns}{}", hint(.source))]
+    Sysctl {
+        /// The sysctl name.
+        name: String,
+        /// Where.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
     /// Reading a link's hardware address failed.
     #[error("cannot read the MAC address of link {link}{ns}{}", hint(.source))]
     LinkMac {
@@ -413,6 +425,7 @@ impl NetError {
             | NetError::ListRules { source, .. }
             | NetError::LinkStats { source, .. }
             | NetError::LinkMac { source, .. }
+            | NetError::Sysctl { source, .. }
             | NetError::ProbeTunnels { source, .. }
             | NetError::SendArp { source, .. }
             | NetError::Spawn { source, .. }

@@ -112,6 +112,7 @@ mod netlink;
 mod netns;
 mod route;
 mod shape;
+mod sysctl;
 mod tunnel;
 
 pub use arp::{gratuitous_arp_frame, send_gratuitous_arp, GarpKind, ARP_FRAME_LEN};
@@ -128,6 +129,7 @@ pub use netns::{
 pub use route::{LinkStats, RouteInfo, RouteSpec, RouteVia, RuleInfo, RuleSpec, TABLE_MAIN};
 pub use rtnetlink;
 pub use shape::{htb_commands, MAX_RATE_BITS_PER_SEC};
+pub use sysctl::{get_ipv4, set_ipv4, Ipv4Setting};
 pub use tunnel::{IpTunnelSpec, TunnelKind, TunnelSpec, VxlanSpec, VXLAN_PORT};
 
 /// The network namespace an operation acts in.

@@ -50,6 +50,28 @@ struct Args {
     /// address are attached to.
     #[arg(long, requires = "netns")]
     bridge: Option<String>,
+    /// This host's address between hosts: enables the handover (routed containers,
+    /// home agent and care-of roles). Needs --cluster-key and --bridge.
+    #[arg(long, requires_all = ["cluster_key", "bridge"])]
+    mobility_address: Option<std::net::Ipv4Addr>,
+    /// File with the cluster key binding updates are signed with (64 hex digits).
+    #[arg(long)]
+    cluster_key: Option<PathBuf>,
+    /// UDP port for binding updates and acks (the same on every node).
+    #[arg(long, default_value_t = xfer_agent::handover::DEFAULT_PORT)]
+    mobility_port: u16,
+    /// Binding lifetime this node asks for as a care-of host, seconds (refreshed at 80%).
+    #[arg(long, default_value_t = 60)]
+    binding_lifetime: u32,
+    /// Longest binding lifetime this node grants as a home agent, seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_binding_lifetime: u32,
+    /// Remove a home agent tunnel no packet crossed for this many seconds (0: never).
+    #[arg(long, default_value_t = 300)]
+    tunnel_idle: u64,
+    /// Tunnel kind: vxlan, ipip or gre (default: probe the kernel, lightest that works).
+    #[arg(long)]
+    tunnel_kind: Option<String>,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -88,6 +110,7 @@ async fn run() -> anyhow::Result<()> {
         },
         work_dir: args.work_dir.clone(),
         container_net: None,
+        mobility: None,
         advertise: args.advertise.clone().unwrap_or_else(|| {
             let scheme = if args.insecure { "http" } else { "https" };
             format!("{scheme}://{}", args.listen)
@@ -108,6 +131,37 @@ async fn run() -> anyhow::Result<()> {
             bridge: bridge.clone(),
         });
     }
+    if let (Some(address), Some(cn)) = (args.mobility_address, &cfg.container_net) {
+        let key = args
+            .cluster_key
+            .as_deref()
+            .context("--cluster-key is required")?;
+        let keys = xfer_agent::handover::load_key(key)?;
+        let tunnel_kind = match args.tunnel_kind.as_deref() {
+            None => None,
+            Some(k) => Some(
+                xfer_net::TunnelKind::ALL
+                    .into_iter()
+                    .find(|t| t.as_str() == k)
+                    .with_context(|| format!("--tunnel-kind {k:?}: expected vxlan, ipip or gre"))?,
+            ),
+        };
+        let mob = xfer_agent::handover::Mobility::start(xfer_agent::handover::MobilityConfig {
+            address,
+            port: args.mobility_port,
+            host_ns: cn.host_ns.clone(),
+            keys,
+            lifetime_secs: args.binding_lifetime,
+            max_lifetime_secs: args.max_binding_lifetime,
+            idle: (args.tunnel_idle > 0).then(|| std::time::Duration::from_secs(args.tunnel_idle)),
+            state_path: args.work_dir.join("bindings.json"),
+            tunnel_kind,
+        })
+        .await
+        .context("start the handover")?;
+        tracing::info!(tunnel = %mob.tunnel_kind(), "handover enabled");
+        cfg.mobility = Some(mob);
+    }
     let server_tls = match &cfg.tls {
         Some(t) if !args.insecure => Some(t.server_config().context("load TLS files")?),
         _ => None,
@@ -122,6 +176,9 @@ async fn run() -> anyhow::Result<()> {
             args.containerd.display()
         )
     })?;
+    node.resume_handover()
+        .await
+        .context("resume the handover of routed containers")?;
     tracing::info!(node = %args.node, listen = %args.listen, "xferd serving");
     let reaper = node.clone();
     tokio::spawn(async move {
