@@ -42,6 +42,17 @@ pub fn xferd_path() -> PathBuf {
     p
 }
 
+/// The load generator binary (built with the workspace's binaries).
+pub fn loadgen_path() -> PathBuf {
+    let p = xferd_path().with_file_name("xfer-loadgen");
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
 /// `prefix` with `XFER_TEST_LAB_TAG` appended (see [`TestLab::up`]).
 pub fn lab_prefix(prefix: &str) -> String {
     format!(
@@ -62,6 +73,11 @@ impl TestLab {
     /// `XFER_TEST_LAB_TAG` (lowercase letters and digits) is appended to the prefix, so
     /// two checkouts can run the end-to-end tests at the same time.
     pub async fn up(prefix: &str, nodes: usize) -> TestLab {
+        Self::up_with(prefix, nodes, xfer_lab::HandoverSpec::default()).await
+    }
+
+    /// [`TestLab::up`] with these handover settings for the agents.
+    pub async fn up_with(prefix: &str, nodes: usize, handover: xfer_lab::HandoverSpec) -> TestLab {
         require_root_stack();
         become_subreaper();
         let prefix = &lab_prefix(prefix);
@@ -70,7 +86,7 @@ impl TestLab {
             nodes,
             rates: Vec::new(),
             xferd: xferd_path(),
-            handover: Default::default(),
+            handover,
         })
         .await
         .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
@@ -215,6 +231,44 @@ pub fn redis_args() -> Vec<String> {
 }
 
 impl TestLab {
+    /// Imports the redis image into `host` and starts redis there as `name` with the
+    /// routed home address number `k` of that host (the host becomes its home agent);
+    /// waits until it answers PING from the client namespace. Returns the address.
+    pub async fn start_routed_redis(
+        &self,
+        host: &str,
+        name: &str,
+        k: u8,
+        reverse_tunnel: bool,
+    ) -> std::net::Ipv4Addr {
+        self.import(host, "redis").await;
+        let home = self.lab.home_address(host, k).expect("home address");
+        self.agent(host)
+            .await
+            .run_routed(name, "redis", &redis_args(), &[], home, reverse_tunnel)
+            .await
+            .unwrap_or_else(|e| panic!("run routed redis: {}", chain(&e)));
+        self.wait_redis(&home.to_string()).await;
+        home
+    }
+
+    /// Waits until redis at `ip` answers PING from the client namespace.
+    pub async fn wait_redis(&self, ip: &str) {
+        wait_for("redis answering PING", Duration::from_secs(20), || {
+            let args = [
+                "redis-cli".to_string(),
+                "-h".into(),
+                ip.to_string(),
+                "PING".into(),
+            ];
+            let out = self.lab.exec("client", &args).ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("PONG")
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Imports the redis image into `host`, starts redis there as `name` (with its own
     /// `address` (CIDR) when given, else in the host's namespace) and waits until it
     /// answers PING from the client namespace. Returns the IP clients use.
@@ -244,19 +298,7 @@ impl TestLab {
                 self.lab.host(host).expect("host").address.to_string()
             }
         };
-        wait_for("redis answering PING", Duration::from_secs(20), || {
-            let args = [
-                "redis-cli".to_string(),
-                "-h".into(),
-                ip.clone(),
-                "PING".into(),
-            ];
-            let out = self.lab.exec("client", &args).ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains("PONG")
-                .then_some(())
-        })
-        .await;
+        self.wait_redis(&ip).await;
         ip
     }
 }

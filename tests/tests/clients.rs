@@ -5,17 +5,7 @@
 use std::time::Duration;
 
 use xfer_agent::client::Mode;
-use xfer_tests::{chain, task_pid, TestLab};
-
-fn loadgen_path() -> std::path::PathBuf {
-    let p = xfer_tests::xferd_path().with_file_name("xfer-loadgen");
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (`cargo xtask test` does)",
-        p.display()
-    );
-    p
-}
+use xfer_tests::{chain, loadgen_path, task_pid, TestLab};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {

@@ -35,23 +35,62 @@ enum Cmd {
         /// Write the report here too.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Open a new connection for every request (a client that reconnects in a
+        /// loop) instead of keeping one.
+        #[arg(long)]
+        new_connection_each: bool,
+        /// Give up on a reply after this many ms (then reconnect and retry).
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Keys of this run are `PREFIX:N` and the counter `PREFIXctr` (so two loads
+        /// can run against one server).
+        #[arg(long, default_value = "k")]
+        key_prefix: String,
+    },
+    /// Throughput of one TCP connection: send this many MiB to ADDR (a sink that
+    /// reads until EOF and closes) and print the rate.
+    Tput {
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
     },
     /// Check that every acknowledged write of a report is in the server.
     Verify {
         #[arg(long)]
         addr: String,
+        /// The key prefix of the run.
+        #[arg(long, default_value = "k")]
+        key_prefix: String,
         /// The report `run` wrote.
         #[arg(long)]
         report: std::path::PathBuf,
     },
 }
 
-fn connect(addr: &str) -> redis::RedisResult<redis::Connection> {
+fn connect(addr: &str, timeout: Duration) -> redis::RedisResult<redis::Connection> {
     let client = redis::Client::open(format!("redis://{addr}/"))?;
-    let c = client.get_connection_with_timeout(Duration::from_millis(200))?;
-    c.set_read_timeout(Some(Duration::from_secs(2)))?;
-    c.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let c = client.get_connection_with_timeout(Duration::from_millis(200).min(timeout))?;
+    c.set_read_timeout(Some(timeout))?;
+    c.set_write_timeout(Some(timeout))?;
     Ok(c)
+}
+
+/// Sends `mib` MiB over one connection to a sink and returns (bytes, seconds): the
+/// clock stops when the sink has read everything and closed its end.
+fn tput(addr: &str, mib: u64) -> anyhow::Result<(u64, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&buf)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = [0u8; 64];
+    while s.read(&mut rest)? > 0 {}
+    Ok((mib << 20, t.elapsed().as_secs_f64()))
 }
 
 fn main() {
@@ -68,7 +107,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             seconds,
             pace_us,
             out,
+            new_connection_each,
+            timeout_ms,
+            key_prefix,
         } => {
+            let timeout = Duration::from_millis(timeout_ms.max(1));
             let start = Instant::now();
             let end = start + Duration::from_secs_f64(seconds);
             let mut times = Vec::new();
@@ -79,7 +122,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             while Instant::now() < end {
                 let c = match conn.as_mut() {
                     Some(c) => c,
-                    None => match connect(&addr) {
+                    None => match connect(&addr, timeout) {
                         Ok(c) => conn.insert(c),
                         Err(_) => {
                             rep.errors += 1;
@@ -92,13 +135,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let res: redis::RedisResult<()> = if n % 2 == 0 {
                     let i = n / 2 + 1;
                     redis::cmd("SET")
-                        .arg(format!("k:{i}"))
+                        .arg(format!("{key_prefix}:{i}"))
                         .arg(i)
                         .query::<()>(c)
                         .map(|_| rep.last_set = i)
                 } else {
                     redis::cmd("INCR")
-                        .arg("ctr")
+                        .arg(format!("{key_prefix}ctr"))
                         .query::<i64>(c)
                         .map(|v| rep.last_incr = v)
                 };
@@ -109,6 +152,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                         lat.push(now.duration_since(t0).as_secs_f64() * 1000.0);
                         rep.acked += 1;
                         n += 1;
+                        if new_connection_each {
+                            conn = None;
+                        }
                     }
                     Err(_) => {
                         // The request may or may not have been applied; it is not
@@ -133,7 +179,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Verify { addr, report } => {
+        Cmd::Tput { addr, mib } => {
+            let (bytes, secs) = tput(&addr, mib)?;
+            println!(
+                "{}",
+                serde_json::json!({"bytes": bytes, "secs": secs, "mbit_s": bytes as f64 * 8.0 / secs / 1e6})
+            );
+            Ok(())
+        }
+        Cmd::Verify {
+            addr,
+            report,
+            key_prefix,
+        } => {
             let text = std::fs::read_to_string(&report)
                 .with_context(|| format!("read {}", report.display()))?;
             let rep: serde_json::Value = serde_json::from_str(&text)?;
@@ -141,14 +199,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             let last_incr = rep["last_incr"]
                 .as_i64()
                 .context("report has no last_incr")?;
-            let mut c = connect(&addr).with_context(|| format!("connect to {addr}"))?;
-            let ctr: i64 = redis::cmd("GET").arg("ctr").query(&mut c)?;
+            let mut c = connect(&addr, Duration::from_secs(5))
+                .with_context(|| format!("connect to {addr}"))?;
+            let ctr: i64 = redis::cmd("GET")
+                .arg(format!("{key_prefix}ctr"))
+                .query(&mut c)?;
             if ctr < last_incr {
                 bail!("lost writes: ctr is {ctr}, but INCR {last_incr} was acknowledged");
             }
             let mut missing = 0u64;
             for chunk in (1..=last_set).collect::<Vec<_>>().chunks(1000) {
-                let keys: Vec<String> = chunk.iter().map(|i| format!("k:{i}")).collect();
+                let keys: Vec<String> = chunk.iter().map(|i| format!("{key_prefix}:{i}")).collect();
                 let vals: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query(&mut c)?;
                 for (i, v) in chunk.iter().zip(vals) {
                     if v != Some(*i) {

@@ -294,7 +294,6 @@ impl Lab {
         pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
     }
 
-    /// The `n`-th address for containers with their own address (`.200 + n`), as CIDR.
     /// Home address number `k` (1..=14) of host `host` (`hN`): an address of the
     /// host's home network, for a routed container started there.
     pub fn home_address(&self, host: &str, k: u8) -> Result<Ipv4Addr, LabError> {
@@ -317,6 +316,7 @@ impl Lab {
         Ok(Ipv4Addr::new(o[0], o[1], o[2], o[3] + k))
     }
 
+    /// The `n`-th address for containers with their own address (`.200 + n`), as CIDR.
     pub fn service_address(&self, n: u8) -> String {
         format!("{}/24", host_addr(self.subnet, 200u8.saturating_add(n)))
     }

@@ -79,8 +79,11 @@ pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 
 /// What xfer's CRIU configuration file says, for dump and restore alike: keep
 /// established TCP connections (the dump options alone do not reach a restore run by
-/// containerd 1.6's shim).
-pub const CRIU_CONFIG: &str = "tcp-established\n";
+/// containerd 1.6's shim), and skip connections still in the handshake (SYN received,
+/// not yet accepted): without it a service that clients keep connecting to cannot be
+/// dumped at all ("In-flight connection"); with it those clients retransmit their SYN
+/// and reach the restored listener.
+pub const CRIU_CONFIG: &str = "tcp-established\nskip-in-flight\n";
 
 /// Writes [`CRIU_CONFIG`] to `path`.
 pub fn write_criu_config(path: &Path) -> Result<(), RuntimeError> {
