@@ -46,6 +46,9 @@ enum Cmd {
         /// can run against one server).
         #[arg(long, default_value = "k")]
         key_prefix: String,
+        /// Stop early once this file exists (checked every 50 ms).
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
     },
     /// Throughput of one TCP connection: send this many MiB to ADDR (a sink that
     /// reads until EOF and closes) and print the rate.
@@ -110,7 +113,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             new_connection_each,
             timeout_ms,
             key_prefix,
+            stop_file,
         } => {
+            let mut checked = Instant::now();
             let timeout = Duration::from_millis(timeout_ms.max(1));
             let start = Instant::now();
             let end = start + Duration::from_secs_f64(seconds);
@@ -120,6 +125,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             let mut conn: Option<redis::Connection> = None;
             let mut n: u64 = 0;
             while Instant::now() < end {
+                if let Some(f) = &stop_file {
+                    if checked.elapsed() >= Duration::from_millis(50) {
+                        checked = Instant::now();
+                        if f.exists() {
+                            break;
+                        }
+                    }
+                }
                 let c = match conn.as_mut() {
                     Some(c) => c,
                     None => match connect(&addr, timeout) {

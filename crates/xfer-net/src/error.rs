@@ -325,6 +325,20 @@ pub enum NetError {
         source: io::Error,
     },
 
+    /// Setting a link's MTU failed.
+    #[error("cannot set the MTU of link {name} to {mtu}{ns}{}", hint(.source))]
+    SetMtu {
+        /// The link name.
+        name: String,
+        /// The MTU asked for.
+        mtu: u32,
+        /// Where the link lives.
+        ns: NsLabel,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
     /// Reading or writing an IPv4 setting (`/proc/sys/net/ipv4`) failed.
     #[error("cannot set {name}{ns}{}", hint(.source))]
     Sysctl {
@@ -426,6 +440,7 @@ impl NetError {
             | NetError::LinkStats { source, .. }
             | NetError::LinkMac { source, .. }
             | NetError::Sysctl { source, .. }
+            | NetError::SetMtu { source, .. }
             | NetError::ProbeTunnels { source, .. }
             | NetError::SendArp { source, .. }
             | NetError::Spawn { source, .. }

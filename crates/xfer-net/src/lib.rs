@@ -198,6 +198,15 @@ pub trait NetOps: Send + Sync {
         mac: [u8; 6],
     ) -> impl Future<Output = Result<(), NetError>> + Send;
 
+    /// Set the MTU of link `name` in `ns` (a tunnel's must leave room for its
+    /// encapsulation, or every full-size packet is fragmented on the underlay).
+    fn set_mtu(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+        mtu: u32,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+
     /// Bring `lo` up in the named namespace.
     fn loopback_up(&self, netns: &str) -> impl Future<Output = Result<(), NetError>> + Send {
         self.set_link_up(Ns::Named(netns), "lo")

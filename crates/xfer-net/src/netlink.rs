@@ -269,6 +269,24 @@ impl NetOps for Netlink {
             .map_err(|e| err(nl_io(e)))
     }
 
+    async fn set_mtu(&self, ns: Ns<'_>, name: &str, mtu: u32) -> Result<(), NetError> {
+        validate_ifname(name)?;
+        let handle = self.handle(ns).await?;
+        let err = |source| NetError::SetMtu {
+            name: name.to_owned(),
+            mtu,
+            ns: ns.into(),
+            source,
+        };
+        let index = link_index(&handle, name).await.map_err(err)?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| err(nl_io(e)))
+    }
+
     async fn set_master(&self, ns: Ns<'_>, name: &str, bridge: &str) -> Result<(), NetError> {
         validate_ifname(name)?;
         validate_ifname(bridge)?;

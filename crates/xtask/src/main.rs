@@ -1,6 +1,7 @@
 //! Developer tasks for xfer: `cargo xtask setup | test | demo | bench <name>`.
 
 mod bench_downtime;
+mod bench_handover;
 mod ci;
 mod demo;
 mod parse;
@@ -28,7 +29,7 @@ enum Cmd {
     Test(ci::TestArgs),
     /// setup, build, start a 3-node lab, run redis on h1, cold-migrate it to h2, lab down.
     Demo(demo::DemoArgs),
-    /// Benchmarks: `downtime` (see `cargo xtask bench downtime --help`).
+    /// Benchmarks: `downtime`, `handover` (see `cargo xtask bench NAME --help`).
     #[command(disable_help_flag = true)]
     Bench {
         /// Benchmark name.
@@ -72,6 +73,7 @@ fn main() {
         Cmd::Demo(args) => demo::demo(args),
         Cmd::Bench { name, args } => match name.as_str() {
             "downtime" => bench_downtime::main(args),
+            "handover" => bench_handover::main(args),
             _ => {
                 println!("bench {name}: not implemented yet");
                 std::process::exit(2);

@@ -69,6 +69,9 @@ struct Args {
     /// Remove a home agent tunnel no packet crossed for this many seconds (0: never).
     #[arg(long, default_value_t = 300)]
     tunnel_idle: u64,
+    /// MTU of the network between hosts (tunnels get this less their encapsulation).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=65535))]
+    underlay_mtu: u32,
     /// Tunnel kind: vxlan, ipip or gre (default: probe the kernel, lightest that works).
     #[arg(long)]
     tunnel_kind: Option<String>,
@@ -156,6 +159,7 @@ async fn run() -> anyhow::Result<()> {
             idle: (args.tunnel_idle > 0).then(|| std::time::Duration::from_secs(args.tunnel_idle)),
             state_path: args.work_dir.join("bindings.json"),
             tunnel_kind,
+            underlay_mtu: args.underlay_mtu,
         })
         .await
         .context("start the handover")?;

@@ -73,6 +73,8 @@ pub struct MobilityConfig {
     pub state_path: PathBuf,
     /// Use this tunnel kind instead of probing.
     pub tunnel_kind: Option<TunnelKind>,
+    /// MTU of the network between hosts: tunnels get this less their encapsulation.
+    pub underlay_mtu: u32,
 }
 
 /// What happened to a binding, for watchers.
@@ -720,6 +722,10 @@ impl Mobility {
                 .await
                 .map_err(|e| AgentError::Refused(format!("rp_filter: {e}")))?
                 .map_err(net_err(format!("loose reverse-path filter on {name}")))?;
+                let mtu = self.inner.cfg.underlay_mtu - self.inner.kind.overhead();
+                net.set_mtu(ns, name, mtu)
+                    .await
+                    .map_err(net_err(format!("MTU of {name}")))?;
                 net.set_link_up(ns, name)
                     .await
                     .map_err(net_err(format!("set {name} up")))?;
