@@ -476,3 +476,55 @@ async fn a_chain_keeps_one_home_agent_and_coming_home_leaves_no_tunnel() {
     assert!(bindings(&mut h1).await.is_empty());
     assert!(task_pid(&mut h1, "redis").await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_and_tunnels_survive_agent_crashes_on_both_ends() {
+    let mut lab = TestLab::up("tar", 2).await;
+    let home = lab.start_routed_redis("h1", "redis", 6, false).await;
+    lab.import("h2", "redis").await;
+    redis_in_client(&lab, home, &["SET", "x", "7"]);
+    migrate(&lab, "redis", "h1", "h2").await;
+    let mut h1 = lab.agent("h1").await;
+    let before = bindings(&mut h1).await;
+    assert_eq!(before.len(), 1);
+
+    // The home agent crashes and comes back: the binding is read back from disk, the
+    // tunnel re-created, the container reachable again through it.
+    xfer_lab::restart_agent(&mut lab.lab, "h1")
+        .await
+        .unwrap_or_else(|e| panic!("restart h1's agent: {}", chain(&e)));
+    let mut h1 = lab.agent("h1").await;
+    let after = bindings(&mut h1).await;
+    assert_eq!(after.len(), 1, "the binding did not survive the restart");
+    assert_eq!(after[0].care_of, before[0].care_of);
+    the_home_tunnel(&lab, "h1").await;
+    assert_eq!(redis_in_client(&lab, home, &["GET", "x"]), "7");
+
+    // The care-of host's agent crashes and comes back: its running container
+    // registers again (a newer sequence), its tunnel end is back.
+    xfer_lab::restart_agent(&mut lab.lab, "h2")
+        .await
+        .unwrap_or_else(|e| panic!("restart h2's agent: {}", chain(&e)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = bindings(&mut h1).await;
+        if b.len() == 1 && b[0].sequence != after[0].sequence {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "h2 did not register again after its restart: {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(tunnels(&lab, "h2").await.len(), 1);
+    // Promptly: the re-created tunnel end keeps its MAC, so the home agent's
+    // neighbour entry for it stays valid.
+    let t = Instant::now();
+    assert_eq!(redis_in_client(&lab, home, &["GET", "x"]), "7");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the container was unreachable for {:?} after the care-of agent's restart",
+        t.elapsed()
+    );
+}

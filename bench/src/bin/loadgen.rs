@@ -83,7 +83,18 @@ fn connect(addr: &str, timeout: Duration) -> redis::RedisResult<redis::Connectio
 /// clock stops when the sink has read everything and closed its end.
 fn tput(addr: &str, mib: u64) -> anyhow::Result<(u64, f64)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    // The sink may be between two connections: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connect {addr}")),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let buf = vec![0x5au8; 1 << 20];
     let t = Instant::now();

@@ -168,6 +168,11 @@ enum LabCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Kill a host's agent (as a crash) and start it again; its containers keep running.
+    RestartAgent {
+        #[arg(long)]
+        node: String,
+    },
     /// Run a program inside a lab namespace (a host or `client`).
     Exec {
         #[arg(long)]
@@ -540,6 +545,12 @@ async fn lab(prefix: &str, cmd: LabCmd) -> anyhow::Result<()> {
             } else {
                 print_status(&lab);
             }
+            Ok(())
+        }
+        LabCmd::RestartAgent { node } => {
+            let mut lab = Lab::load(prefix)?;
+            let pid = xfer_lab::restart_agent(&mut lab, &node).await?;
+            println!("agent of {node} restarted (pid {pid})");
             Ok(())
         }
         LabCmd::Exec { node, args } => {

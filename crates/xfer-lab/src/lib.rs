@@ -124,6 +124,9 @@ pub struct Lab {
     /// owns the /28 at `.16*N` ([`Lab::home_address`]).
     #[serde(default)]
     pub home_base: Option<Ipv4Addr>,
+    /// How the agents were started.
+    #[serde(default)]
+    pub agent: Option<AgentArgs>,
 }
 
 /// How to bring a lab up.
@@ -140,7 +143,7 @@ pub struct LabSpec {
 }
 
 /// The agents' handover settings in a lab.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverSpec {
     /// Binding lifetime care-of hosts ask for, seconds.
     pub binding_lifetime_secs: u32,
@@ -407,6 +410,105 @@ fn spawn_daemon(netns: &str, mut cmd: Command, log: &Path, what: &str) -> Result
     Ok(pid)
 }
 
+/// How a lab starts its agents (kept in the lab state, so an agent can be restarted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentArgs {
+    pub xferd: PathBuf,
+    #[serde(default)]
+    pub handover: HandoverSpec,
+}
+
+/// Starts the agent of host `name` and waits until it serves.
+#[allow(clippy::too_many_arguments)]
+async fn start_agent(
+    agent: &AgentArgs,
+    name: &str,
+    netns: &str,
+    address: Ipv4Addr,
+    containerd_socket: &Path,
+    containerd_namespace: &str,
+    hdir: &Path,
+    tls_dir: &Path,
+) -> Result<u32, LabError> {
+    let logs = hdir.join("logs");
+    let xlog = logs.join("xferd.log");
+    let mut cmd = Command::new(&agent.xferd);
+    cmd.args(["--node", name])
+        .arg("--listen")
+        .arg(format!("{address}:{AGENT_PORT}"))
+        .arg("--containerd")
+        .arg(containerd_socket)
+        .args(["--namespace", containerd_namespace])
+        .arg("--netns")
+        .arg(xfer_net::netns_path(netns))
+        .arg("--work-dir")
+        .arg(work_dir(hdir, name))
+        .arg("--log-dir")
+        .arg(&logs)
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .args(["--bridge", HOST_BRIDGE])
+        .arg("--mobility-address")
+        .arg(address.to_string())
+        .arg("--cluster-key")
+        .arg(tls_dir.join("cluster.key"))
+        .arg("--binding-lifetime")
+        .arg(agent.handover.binding_lifetime_secs.to_string())
+        .arg("--tunnel-idle")
+        .arg(agent.handover.tunnel_idle_secs.to_string());
+    let pid = spawn_daemon(netns, cmd, &xlog, &format!("xferd of {name}"))?;
+    wait_for_port(address, AGENT_PORT, pid, &xlog, &format!("xferd of {name}")).await?;
+    Ok(pid)
+}
+
+/// Kills host `host`'s agent (SIGKILL, as a crash) and starts it again with the same
+/// arguments; the lab state records the new pid. Its containers keep running.
+pub async fn restart_agent(lab: &mut Lab, host: &str) -> Result<u32, LabError> {
+    let agent = lab.agent.clone().ok_or_else(|| LabError::Start {
+        what: format!("agent of {host}"),
+        detail: "this lab's state predates agent restarts; bring it up again".into(),
+    })?;
+    let h = lab.host(host)?.clone();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(h.xferd_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Lab::alive(h.xferd_pid) && !is_zombie(h.xferd_pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = start_agent(
+        &agent,
+        &h.name,
+        &h.netns,
+        h.address,
+        &h.containerd_socket,
+        &h.containerd_namespace,
+        &h.dir,
+        &lab.tls_dir,
+    )
+    .await?;
+    if let Some(x) = lab.hosts.iter_mut().find(|x| x.name == host) {
+        x.xferd_pid = pid;
+    }
+    save_state(lab)?;
+    Ok(pid)
+}
+
+fn save_state(lab: &Lab) -> Result<(), LabError> {
+    let p = &lab.prefix;
+    let text = serde_json::to_string_pretty(lab).map_err(|e| LabError::Io {
+        op: "encode",
+        path: state_file(p),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(state_file(p), text).map_err(|source| LabError::Io {
+        op: "write",
+        path: state_file(p),
+        source,
+    })
+}
+
 /// Brings a lab up (after clearing any earlier one of the same prefix).
 pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
     validate_prefix(&spec.prefix)?;
@@ -594,38 +696,19 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         wait_containerd(&dcfg.socket, containerd_pid, &dcfg.log_file, &name).await?;
         // xferd
         let containerd_namespace = format!("xfer-{p}-{name}");
-        let xlog = logs.join("xferd.log");
-        let mut cmd = Command::new(&spec.xferd);
-        cmd.args(["--node", &name])
-            .arg("--listen")
-            .arg(format!("{address}:{AGENT_PORT}"))
-            .arg("--containerd")
-            .arg(&dcfg.socket)
-            .args(["--namespace", &containerd_namespace])
-            .arg("--netns")
-            .arg(xfer_net::netns_path(&netns))
-            .arg("--work-dir")
-            .arg(work_dir(&hdir, &name))
-            .arg("--log-dir")
-            .arg(&logs)
-            .arg("--tls-dir")
-            .arg(&tls_dir)
-            .args(["--bridge", HOST_BRIDGE])
-            .arg("--mobility-address")
-            .arg(address.to_string())
-            .arg("--cluster-key")
-            .arg(&cluster_key)
-            .arg("--binding-lifetime")
-            .arg(spec.handover.binding_lifetime_secs.to_string())
-            .arg("--tunnel-idle")
-            .arg(spec.handover.tunnel_idle_secs.to_string());
-        let xferd_pid = spawn_daemon(&netns, cmd, &xlog, &format!("xferd of {name}"))?;
-        wait_for_port(
+        let agent = AgentArgs {
+            xferd: spec.xferd.clone(),
+            handover: spec.handover,
+        };
+        let xferd_pid = start_agent(
+            &agent,
+            &name,
+            &netns,
             address,
-            AGENT_PORT,
-            xferd_pid,
-            &xlog,
-            &format!("xferd of {name}"),
+            &dcfg.socket,
+            &containerd_namespace,
+            &hdir,
+            &tls_dir,
         )
         .await?;
         info!(host = %name, %address, "lab host up");
@@ -677,17 +760,12 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         hosts,
         client,
         home_base: Some(home_base),
+        agent: Some(AgentArgs {
+            xferd: spec.xferd.clone(),
+            handover: spec.handover,
+        }),
     };
-    let text = serde_json::to_string_pretty(&lab).map_err(|e| LabError::Io {
-        op: "encode",
-        path: state_file(p),
-        source: std::io::Error::other(e),
-    })?;
-    std::fs::write(state_file(p), text).map_err(|source| LabError::Io {
-        op: "write",
-        path: state_file(p),
-        source,
-    })?;
+    save_state(&lab)?;
     Ok(lab)
 }
 

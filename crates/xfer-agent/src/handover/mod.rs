@@ -722,6 +722,14 @@ impl Mobility {
                 .await
                 .map_err(|e| AgentError::Refused(format!("rp_filter: {e}")))?
                 .map_err(net_err(format!("loose reverse-path filter on {name}")))?;
+                if self.inner.kind == TunnelKind::Vxlan {
+                    // A re-created end (after an agent restart) keeps its MAC, so the
+                    // far end's neighbour entry stays right (else traffic stalls
+                    // until that entry ages out, minutes with TCP's backoff).
+                    net.set_mac(ns, name, plan::tunnel_mac(*role, me, *peer))
+                        .await
+                        .map_err(net_err(format!("MAC of {name}")))?;
+                }
                 let mtu = self.inner.cfg.underlay_mtu - self.inner.kind.overhead();
                 net.set_mtu(ns, name, mtu)
                     .await

@@ -54,6 +54,23 @@ pub fn tunnel_key(home_agent: Ipv4Addr, care_of: Ipv4Addr) -> u32 {
     v.max(1)
 }
 
+/// The MAC address of an L2 tunnel end of `role` on host `me` toward `peer`: stable
+/// across re-creation, locally administered, unicast.
+pub fn tunnel_mac(role: Role, me: Ipv4Addr, peer: Ipv4Addr) -> [u8; 6] {
+    let mut b = [0u8; 9];
+    b[0] = match role {
+        Role::HomeAgent => 1,
+        Role::CareOf => 2,
+    };
+    b[1..5].copy_from_slice(&me.octets());
+    b[5..].copy_from_slice(&peer.octets());
+    let d = xfer_store::Digest::of(&b);
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&d.as_bytes()[..6]);
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
+}
+
 /// The routing table a care-of host uses for a home address's reverse tunnel.
 pub fn reverse_table(home: Ipv4Addr) -> u32 {
     20_000 + (u32::from(home) % 10_000)
@@ -493,5 +510,9 @@ mod tests {
         assert_ne!(tunnel_key(B, C), tunnel_key(C, B));
         assert!(tunnel_key(B, C) > 0 && tunnel_key(B, C) < (1 << 24));
         assert_ne!(reverse_table(H1), reverse_table(H2));
+        let m = tunnel_mac(Role::CareOf, B, C);
+        assert_eq!(m, tunnel_mac(Role::CareOf, B, C), "stable");
+        assert_ne!(m, tunnel_mac(Role::HomeAgent, B, C));
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast");
     }
 }
