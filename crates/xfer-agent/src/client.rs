@@ -85,6 +85,7 @@ impl Default for MigrateOptions {
 pub struct Client {
     inner: AgentClient<Channel>,
     hello: HelloReply,
+    volumes: Vec<Volume>,
 }
 
 impl Client {
@@ -96,7 +97,11 @@ impl Client {
         tls: Option<&crate::tls::TlsFiles>,
     ) -> Result<Self, AgentError> {
         let (inner, hello) = crate::migrate::connect_peer(endpoint, tls).await?;
-        Ok(Self { inner, hello })
+        Ok(Self {
+            inner,
+            hello,
+            volumes: Vec::new(),
+        })
     }
 
     /// The node's name and CRIU facts, from the handshake.
@@ -163,8 +168,16 @@ impl Client {
         .await
     }
 
-    /// Starts a container as `req` says.
-    pub async fn run_request(&mut self, req: RunContainerRequest) -> Result<u32, AgentError> {
+    /// Volumes for the next container this client starts (then cleared).
+    pub fn set_volumes(&mut self, volumes: Vec<Volume>) {
+        self.volumes = volumes;
+    }
+
+    /// Starts a container as `req` says (with the volumes of [`Client::set_volumes`]).
+    pub async fn run_request(&mut self, mut req: RunContainerRequest) -> Result<u32, AgentError> {
+        if req.volumes.is_empty() {
+            req.volumes = std::mem::take(&mut self.volumes);
+        }
         let r = self
             .inner
             .run_container(req)

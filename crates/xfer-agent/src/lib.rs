@@ -34,6 +34,7 @@ pub mod rebind;
 pub mod sync;
 pub mod tls;
 pub mod transfer;
+pub mod volumes;
 
 use std::net::SocketAddr;
 

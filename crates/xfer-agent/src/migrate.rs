@@ -154,6 +154,17 @@ pub async fn run(
         )));
     }
     let attachment = crate::netctl::from_labels(&record.labels)?;
+    let volumes = crate::volumes::from_labels(&record.labels)?;
+    for (i, v) in volumes.iter().enumerate() {
+        let p = v.host_path(&node.cfg.work_dir, id, i);
+        if !p.is_dir() {
+            return Err(AgentError::Refused(format!(
+                "volume {} of {id}: its directory {} is missing here",
+                v.destination,
+                p.display()
+            )));
+        }
+    }
     if matches!(attachment, Some(crate::netctl::Attachment::Routed { .. })) && !hello.handover {
         return Err(AgentError::Refused(format!(
             "container {id} has a routed home address, but destination {} runs no handover (xferd --mobility-address, --cluster-key)",
@@ -213,8 +224,10 @@ pub async fn run(
     let _ = node.store.release(mid);
     let (downtime_us, bytes_sent, pid) = match result {
         Ok(v) => {
-            // The source copy is gone; so goes its own network namespace.
+            // The source copy is gone; so go its own network namespace and its
+            // anonymous volumes (named volumes stay, as volumes do).
             node.net_departed(&record.labels).await;
+            crate::volumes::remove_anonymous(&node.cfg.work_dir, id);
             if let Some(cn) = &node.cfg.container_net {
                 if let Err(e) = cn.detach(id).await {
                     warn!(error = %e, "could not remove the source container's namespace");
@@ -396,6 +409,8 @@ impl Destination for AgentClient<Channel> {
 pub struct ChunkSide<'a> {
     pub store: &'a std::sync::Arc<xfer_store::Store>,
     pub endpoint: &'a str,
+    /// The container's volumes (their tars ride along with every round).
+    pub volumes: &'a tokio::sync::Mutex<crate::volumes::Moves>,
 }
 
 impl std::fmt::Debug for ChunkSide<'_> {
@@ -419,10 +434,19 @@ async fn publish_and_sync<D: Destination>(
     let t = Instant::now();
     let store = chunks.store.clone();
     let lease = mid.to_string();
-    let (manifests, published) =
+    let mut vols = chunks.volumes.lock().await;
+    let mut files = files;
+    files.extend(vols.round_files(round)?);
+    let (mut manifests, published) =
         tokio::task::spawn_blocking(move || crate::sync::publish(&store, &lease, &files))
             .await
             .map_err(|e| AgentError::Refused(format!("chunking task: {e}")))??;
+    vols.done_round(round);
+    let earlier = vols.published(&manifests);
+    if last {
+        manifests.extend(earlier);
+    }
+    drop(vols);
     let chunk_time = t.elapsed();
     let reply = dst
         .sync(SyncRequest {
@@ -494,9 +518,17 @@ async fn run_after_prepare(
         emit(tx, &phase("image", t, 0), phases).await;
     }
 
+    let vols = crate::volumes::from_labels(&record.labels).map_err(|e| (Step::Validate, e))?;
+    let moves = tokio::sync::Mutex::new(crate::volumes::Moves::new(
+        &vols,
+        &node.cfg.work_dir,
+        &record.id,
+        out_dir.join("volumes"),
+    ));
     let chunks = ChunkSide {
         store: &node.store,
         endpoint: &node.cfg.advertise,
+        volumes: &moves,
     };
     bytes_sent += precopy(
         rt, peer, &chunks, mid, record, policy, out_dir, tx, phases, rounds,
@@ -872,9 +904,11 @@ mod tests {
         let out = tempfile::tempdir().expect("tmp");
         let store =
             std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
+        let moves = tokio::sync::Mutex::default();
         let chunks = ChunkSide {
             store: &store,
             endpoint: "http://127.0.0.1:1",
+            volumes: &moves,
         };
         let (tx, _rx) = mpsc::channel(64);
         let mut phases = Vec::new();

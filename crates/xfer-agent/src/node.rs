@@ -63,6 +63,9 @@ struct Inbound {
     touched: Instant,
     /// Files rebuilt by earlier rounds (patched, not rewritten, by the next).
     rebuilt: Arc<std::sync::Mutex<crate::sync::Rebuilt>>,
+    /// Read-only named volumes this node already holds with the digest the source
+    /// offered: not fetched, not installed.
+    present_volumes: std::collections::BTreeSet<String>,
 }
 
 /// An inbound migration the source has not touched for this long is dropped (its
@@ -229,6 +232,35 @@ impl Node {
         Ok(Arc::new(crate::chunks::GrpcPeer::new(endpoint, ch)))
     }
 
+    /// Drops from `objects` the read-only named volumes (`ro-NAME`) this node already
+    /// installed with the same digest; returns their names.
+    fn skip_present_volumes(&self, objects: &mut Vec<ObjectManifest>) -> Vec<String> {
+        let mut present = Vec::new();
+        objects.retain(|o| {
+            let Some(name) = o.name.strip_prefix("ro-") else {
+                return true;
+            };
+            if o.kind != FileKind::Volume as i32 || name.parse::<usize>().is_ok() {
+                return true;
+            }
+            let digest = xfer_store::manifest::Manifest::decode(&o.manifest)
+                .map(|m| m.digest().to_hex())
+                .ok();
+            let held = crate::volumes::installed_digest(&self.cfg.work_dir, name);
+            if digest.is_some() && digest == held {
+                info!(
+                    volume = name,
+                    "read-only volume already here with that digest: skipped"
+                );
+                present.push(name.to_string());
+                false
+            } else {
+                true
+            }
+        });
+        present
+    }
+
     async fn sync_inner(&self, r: SyncRequest) -> Result<SyncReply, AgentError> {
         if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
             i.touched = Instant::now();
@@ -245,6 +277,13 @@ impl Node {
             }
             (inb.dir.clone(), inb.fetcher.clone(), inb.rebuilt.clone())
         };
+        let mut r = r;
+        let present = self.skip_present_volumes(&mut r.objects);
+        if !present.is_empty() {
+            if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
+                inb.present_volumes.extend(present);
+            }
+        }
         let objects = crate::sync::decode_objects(&r.objects)?;
         let ids = crate::sync::chunk_ids(&objects);
         let store = self.store.clone();
@@ -351,7 +390,7 @@ impl Node {
         req: &RestoreRequest,
         phases: &mut Vec<PhaseTiming>,
     ) -> Result<u32, Status> {
-        let (dir, image_name, manifest, files, inject, lease, chain_id) = {
+        let (dir, image_name, manifest, files, inject, lease, chain_id, present) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&req.migration_id).ok_or_else(|| {
                 refuse(format!("no migration {} prepared here", req.migration_id))
@@ -370,6 +409,7 @@ impl Node {
                     .map(|l| l.id().to_string())
                     .unwrap_or_default(),
                 inb.chain_id.clone(),
+                inb.present_volumes.clone(),
             )
         };
         let id = req.container_id.as_str();
@@ -406,6 +446,14 @@ impl Node {
         }
         phases.push(phase("dst.rootfs", t, 0));
 
+        let volume_sources = match self.install_volumes(id, &req.labels, &files, &present, phases) {
+            Ok(v) => v,
+            Err(e) => {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(e.to_status());
+            }
+        };
+
         let t = Instant::now();
         // A container with its own address gets the same namespace and address here.
         let (netns, attachment) = match self.attach_from_labels(id, &req.labels).await {
@@ -429,6 +477,14 @@ impl Node {
             Err(e) => {
                 cleanup_all(self.clone(), id.to_string()).await;
                 return Err(dst_err(e));
+            }
+        };
+        let spec = match crate::volumes::rewrite_mounts(&spec, &volume_sources.0, &volume_sources.1)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(e.to_status());
             }
         };
         let record = xfer_runtime::containerd::ContainerRecord {
@@ -505,6 +561,63 @@ impl Node {
         Ok(pid)
     }
 
+    /// Installs the volumes a restore brings (named, anonymous, bind), skipping those
+    /// already here; returns the volumes and their paths on this node.
+    fn install_volumes(
+        &self,
+        id: &str,
+        labels: &HashMap<String, String>,
+        files: &[InFile],
+        present: &std::collections::BTreeSet<String>,
+        phases: &mut Vec<PhaseTiming>,
+    ) -> Result<(Vec<crate::volumes::Volume>, Vec<PathBuf>), AgentError> {
+        use crate::volumes::Kind;
+        let vols = crate::volumes::from_labels(labels)?;
+        let work = &self.cfg.work_dir;
+        let mut sources = Vec::with_capacity(vols.len());
+        for (i, v) in vols.iter().enumerate() {
+            let t = Instant::now();
+            let path = v.host_path(work, id, i);
+            let obj = v.object_name(i);
+            if v.read_only && v.kind == Kind::Named && present.contains(&v.name) {
+                phases.push(phase(&format!("dst.volume.skipped.{}", v.name), t, 0));
+                sources.push(path);
+                continue;
+            }
+            let f = files
+                .iter()
+                .find(|f| f.kind == FileKind::Volume && f.name == obj)
+                .ok_or_else(|| {
+                    AgentError::Refused(format!("volume {} ({obj}) was not sent", v.destination))
+                })?;
+            let size = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+            // A bind source that already has this content (a shared file system, or
+            // an earlier migration) is left alone.
+            let same = v.kind == Kind::Bind && path.is_dir() && {
+                let probe = f.path.with_extension("here.tar");
+                let same = crate::volumes::capture(&path, &probe).is_ok()
+                    && std::fs::read(&probe).ok() == std::fs::read(&f.path).ok();
+                let _ = std::fs::remove_file(&probe);
+                same
+            };
+            if same {
+                phases.push(phase(&format!("dst.volume.unchanged.{obj}"), t, 0));
+            } else {
+                let digest = v.read_only.then(|| {
+                    xfer_store::Digest::of(&std::fs::read(&f.path).unwrap_or_default()).to_hex()
+                });
+                let marker = match (&digest, v.kind) {
+                    (Some(d), Kind::Named) => Some((work.as_path(), v.name.as_str(), d.as_str())),
+                    _ => None,
+                };
+                crate::volumes::install(&f.path, &path, marker)?;
+                phases.push(phase(&format!("dst.volume.{obj}"), t, size));
+            }
+            sources.push(path);
+        }
+        Ok((vols, sources))
+    }
+
     /// Creates the container's own namespace if its labels give it an address.
     async fn attach_from_labels(
         &self,
@@ -547,6 +660,7 @@ impl Node {
         if let Err(e) = self.rt.remove(id).await {
             warn!(container = id, error = %e, "remove container");
         }
+        crate::volumes::remove_anonymous(&self.cfg.work_dir, id);
         if let Some(cn) = &self.cfg.container_net {
             if let Err(e) = cn.detach(id).await {
                 warn!(container = id, error = %e, "remove container namespace");
@@ -641,6 +755,29 @@ impl Agent for Node {
                 self.cfg.name, r.id
             )));
         }
+        let vols = r
+            .volumes
+            .iter()
+            .map(crate::volumes::Volume::from_msg)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_status())?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(v) = vols.iter().find(|v| !seen.insert(v.destination.clone())) {
+            return Err(refuse(format!("two volumes at {}", v.destination)));
+        }
+        let paths = crate::volumes::prepare_dirs(&vols, &self.cfg.work_dir, &r.id)
+            .map_err(|e| e.to_status())?;
+        let mounts: Vec<serde_json::Value> = vols
+            .iter()
+            .zip(&paths)
+            .map(|(v, p)| v.spec_mount(p))
+            .collect();
+        if !vols.is_empty() {
+            labels.insert(
+                crate::volumes::LABEL.to_string(),
+                crate::volumes::to_label(&vols),
+            );
+        }
         let attached = self
             .attach_from_labels(&r.id, &labels)
             .await
@@ -666,6 +803,7 @@ impl Agent for Node {
                 &r.env,
                 netns.as_deref(),
                 labels,
+                &mounts,
             )
             .await
         {
@@ -674,6 +812,7 @@ impl Agent for Node {
                 if let Some(cn) = &self.cfg.container_net {
                     let _ = cn.detach(&r.id).await;
                 }
+                crate::volumes::remove_anonymous(&self.cfg.work_dir, &r.id);
                 return Err(rt_err(Step::Validate)(e));
             }
         };
@@ -718,6 +857,7 @@ impl Agent for Node {
             .remove(&id)
             .await
             .map_err(rt_err(Step::CleanupSource))?;
+        crate::volumes::remove_anonymous(&self.cfg.work_dir, &id);
         if let Some(cn) = &self.cfg.container_net {
             cn.detach(&id).await.map_err(|e| e.to_status())?;
         }
@@ -829,6 +969,7 @@ impl Agent for Node {
                 fetcher: None,
                 touched: Instant::now(),
                 rebuilt: Arc::default(),
+                present_volumes: Default::default(),
             },
         );
         if missing.is_empty() {

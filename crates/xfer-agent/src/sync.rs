@@ -40,7 +40,7 @@ pub struct Published {
 pub fn object_kind(kind: FileKind, name: &str) -> ObjectKind {
     if kind == FileKind::CriuImage && name.starts_with("pages-") && name.ends_with(".img") {
         ObjectKind::MemoryPages
-    } else if kind == FileKind::RootfsDiff {
+    } else if kind == FileKind::RootfsDiff || kind == FileKind::Volume {
         ObjectKind::Tar
     } else {
         ObjectKind::File

@@ -153,6 +153,7 @@ pub fn place(dir: &Path, kind: FileKind, name: &str) -> Result<PathBuf, AgentErr
         FileKind::CriuImage => dir.join("criu").join(name),
         FileKind::RootfsDiff => dir.join("rootfs.tar"),
         FileKind::ImageBlob => dir.join("blobs").join(name.replace(':', "_")),
+        FileKind::Volume => dir.join("volumes").join(format!("{name}.tar")),
         FileKind::Unspecified => {
             return Err(AgentError::BadChunk("file kind UNSPECIFIED".into()));
         }

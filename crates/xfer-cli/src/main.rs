@@ -70,6 +70,11 @@ enum Cmd {
         /// back through the home agent (networks with ingress filtering).
         #[arg(long, requires = "routed")]
         reverse_tunnel: bool,
+        /// A volume: NAME:DST[:OPTS] (named), /HOST/PATH:DST[:OPTS] (bind mount) or
+        /// DST (anonymous); OPTS: ro, rw, mount options (nosuid, nodev, noexec, ...),
+        /// label.KEY=VALUE. Repeatable.
+        #[arg(long = "volume", short = 'v')]
+        volumes: Vec<String>,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         args: Vec<String>,
@@ -281,9 +286,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway,
             routed,
             reverse_tunnel,
+            volumes,
             args,
         } => {
+            let volumes = volumes
+                .iter()
+                .map(|v| xfer_agent::volumes::parse_cli(v).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let mut c = connect(&g, &host).await?;
+            c.set_volumes(volumes);
             let pid = match address {
                 Some(a) if routed => {
                     let home = match a.strip_prefix("home:") {

@@ -89,6 +89,11 @@ pub struct LabHost {
 }
 
 impl LabHost {
+    /// This host's agent work directory (volumes, checkpoints, chunk store).
+    pub fn work_dir(&self) -> PathBuf {
+        work_dir(&self.dir, &self.name)
+    }
+
     /// The runtime view of this host, for code that drives its containerd directly.
     pub fn host_config(&self) -> HostConfig {
         HostConfig {

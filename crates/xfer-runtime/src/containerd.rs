@@ -257,7 +257,8 @@ impl Containerd {
     /// Creates a container from an imported image (top layer chain id `parent`) and
     /// starts its task. Returns the task's pid.
     /// `netns`: the network namespace to join (default: the host's); `labels` are added
-    /// to the container record and travel with it when it migrates.
+    /// to the container record and travel with it when it migrates; `mounts` are OCI
+    /// mounts added to the spec (volumes, bind mounts).
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
@@ -268,6 +269,7 @@ impl Containerd {
         env: &[String],
         netns: Option<&Path>,
         labels: HashMap<String, String>,
+        mounts: &[Value],
     ) -> Result<u32, RuntimeError> {
         validate_id(id)?;
         if args.is_empty() {
@@ -284,6 +286,9 @@ impl Containerd {
         );
         if let Some(c) = &self.cfg.criu_config {
             spec["annotations"] = json!({ CRIU_CONFIG_ANNOTATION: c.display().to_string() });
+        }
+        if let Some(m) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+            m.extend(mounts.iter().cloned());
         }
         let spec_json = serde_json::to_vec(&spec)
             .map_err(|e| RuntimeError::Invalid(format!("encode spec: {e}")))?;

@@ -143,6 +143,9 @@ impl Bins {
                 &stop.display().to_string(),
                 "--pace-us",
                 "500",
+                // Long enough that a slow cut-over shows as a gap, not a reconnect.
+                "--timeout-ms",
+                "15000",
                 "--out",
                 &report.display().to_string(),
             ],
@@ -398,7 +401,7 @@ fn bench(args: &HandoverArgs, tl: &mut Timeline) -> Result<()> {
     let mut md = String::new();
     md.push_str("# Handover benchmark: gap and tunnel cost\n\n");
     md.push_str(&format!(
-        "Produced by `cargo xtask bench handover` ({} profile), {} repetitions, each in a fresh 2-host lab (unshaped veth links); medians with min–max. Redis dataset: DEBUG POPULATE {} key 256; write load `xfer-loadgen run --pace-us 500` over one connection from the client namespace. Tunnel kind picked by the kernel probe: **{kind}**. Load average at the end: {}.\n\n",
+        "Produced by `cargo xtask bench handover` ({} profile), {} repetitions, each in a fresh 2-host lab (unshaped veth links); medians with min–max. Redis dataset: DEBUG POPULATE {} key 256; write load `xfer-loadgen run --pace-us 500 --timeout-ms 15000` over one connection from the client namespace. Tunnel kind picked by the kernel probe: **{kind}**. Load average at the end: {}.\n\n",
         args.profile,
         args.repeats,
         args.keys,

@@ -1,0 +1,640 @@
+//! A container's volumes and bind mounts, and how their content moves.
+//!
+//! A volume is a host directory bind-mounted into the container: a *named* volume
+//! lives under the node's work directory (`WORK/volumes/NAME`) and outlives the
+//! container; an *anonymous* one (`WORK/volumes/_anon/ID/INDEX`) goes with it; a
+//! *bind* mount names a host path. Their kind, name, destination, read-only flag,
+//! mount options and labels are kept as one container label ([`LABEL`]), so they
+//! travel with the container's record and are recreated the same at the destination.
+//!
+//! Content moves as a tar of the directory (entries sorted, modes, owners and times
+//! kept), chunked with content-defined chunking like every other object:
+//! * a read-write volume is sent in every pre-copy round and again after the freeze,
+//!   so only what changed since the last round travels during the downtime;
+//! * a read-only volume is sent once; a destination that already holds a named
+//!   read-only volume with the same digest (it records the digest of what it
+//!   installed) skips it entirely.
+//!
+//! At the destination each tar is unpacked next to the target directory and swapped
+//! in by rename, so a failed unpack leaves the old content.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use xfer_proto::v1::{Volume as VolumeMsg, VolumeKind};
+
+use crate::error::AgentError;
+
+/// The container label holding the volumes (JSON).
+pub const LABEL: &str = "io.xfer.volumes";
+
+/// One volume of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub kind: Kind,
+    /// Named volumes: the name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Bind mounts: the host path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+    pub destination: String,
+    pub read_only: bool,
+    #[serde(default)]
+    pub options: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The kinds of volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Named,
+    Anonymous,
+    Bind,
+}
+
+fn refuse(msg: impl Into<String>) -> AgentError {
+    AgentError::Refused(msg.into())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '_', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Mount options a volume may carry (what runc passes to mount(2)); `ro`/`rw` come
+/// from the read-only flag.
+const OPTIONS: &[&str] = &[
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "noatime",
+    "atime",
+    "nodiratime",
+    "relatime",
+    "strictatime",
+    "rprivate",
+    "private",
+    "rslave",
+    "slave",
+];
+
+impl Volume {
+    /// Checks a volume request and turns it into a volume.
+    pub fn from_msg(m: &VolumeMsg) -> Result<Volume, AgentError> {
+        let kind = match VolumeKind::try_from(m.kind) {
+            Ok(VolumeKind::Named) => Kind::Named,
+            Ok(VolumeKind::Anonymous) => Kind::Anonymous,
+            Ok(VolumeKind::Bind) => Kind::Bind,
+            _ => {
+                return Err(refuse(format!(
+                    "volume for {:?}: kind {} is not named, anonymous or bind",
+                    m.destination, m.kind
+                )))
+            }
+        };
+        if !m.destination.starts_with('/') || m.destination.split('/').any(|c| c == "..") {
+            return Err(refuse(format!(
+                "volume destination {:?} must be an absolute path without ..",
+                m.destination
+            )));
+        }
+        if kind == Kind::Named && !valid_name(&m.name) {
+            return Err(refuse(format!(
+                "volume name {:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.', '_' or '-'",
+                m.name
+            )));
+        }
+        let source = if kind == Kind::Bind {
+            let p = PathBuf::from(&m.source);
+            if !p.is_absolute() || !p.is_dir() {
+                return Err(refuse(format!(
+                    "bind mount source {:?} must be an existing directory (absolute path)",
+                    m.source
+                )));
+            }
+            Some(p)
+        } else {
+            None
+        };
+        for o in &m.options {
+            if !OPTIONS.contains(&o.as_str()) {
+                return Err(refuse(format!(
+                    "volume option {o:?} is not supported; use ro/rw (--read-only) or one of {}",
+                    OPTIONS.join(", ")
+                )));
+            }
+        }
+        Ok(Volume {
+            kind,
+            name: if kind == Kind::Named {
+                m.name.clone()
+            } else {
+                String::new()
+            },
+            source,
+            destination: m.destination.clone(),
+            read_only: m.read_only,
+            options: m.options.clone(),
+            labels: m.labels.clone().into_iter().collect(),
+        })
+    }
+
+    /// Where its content lives on a node with work directory `work`, for container
+    /// `id` (the volume's position is `index`).
+    pub fn host_path(&self, work: &Path, id: &str, index: usize) -> PathBuf {
+        match self.kind {
+            Kind::Named => work.join("volumes").join(&self.name),
+            Kind::Anonymous => work
+                .join("volumes")
+                .join("_anon")
+                .join(id)
+                .join(index.to_string()),
+            Kind::Bind => self.source.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The OCI spec mount for it, from host path `source`.
+    pub fn spec_mount(&self, source: &Path) -> Value {
+        let mut options = vec![
+            "rbind".to_string(),
+            if self.read_only { "ro" } else { "rw" }.to_string(),
+        ];
+        options.extend(self.options.iter().cloned());
+        json!({
+            "destination": self.destination,
+            "type": "bind",
+            "source": source.display().to_string(),
+            "options": options,
+        })
+    }
+
+    /// The name of its object in a migration.
+    pub fn object_name(&self, index: usize) -> String {
+        match (self.read_only, self.kind) {
+            (false, _) => format!("rw-{index}"),
+            (true, Kind::Named) => format!("ro-{}", self.name),
+            (true, _) => format!("ro-{index}"),
+        }
+    }
+}
+
+/// Parses a command-line volume: `NAME:DST[:OPTS]` (named), `/HOST/PATH:DST[:OPTS]`
+/// (bind mount) or `DST[::OPTS]` (anonymous); OPTS is a comma list of `ro`, `rw`, mount
+/// options and `label.KEY=VALUE`.
+pub fn parse_cli(s: &str) -> Result<VolumeMsg, String> {
+    let parts: Vec<&str> = s.splitn(3, ':').collect();
+    let (kind, name, source, dst, opts) = match parts.as_slice() {
+        [dst] => (VolumeKind::Anonymous, "", "", *dst, ""),
+        [dst, "", opts] => (VolumeKind::Anonymous, "", "", *dst, *opts),
+        [src, dst] | [src, dst, _] => {
+            let opts = parts.get(2).copied().unwrap_or("");
+            if src.starts_with('/') {
+                (VolumeKind::Bind, "", *src, *dst, opts)
+            } else {
+                (VolumeKind::Named, *src, "", *dst, opts)
+            }
+        }
+        _ => {
+            return Err(format!(
+                "volume {s:?}: expected NAME:DST[:OPTS], /PATH:DST[:OPTS] or DST"
+            ))
+        }
+    };
+    let mut m = VolumeMsg {
+        kind: kind as i32,
+        name: name.to_string(),
+        source: source.to_string(),
+        destination: dst.to_string(),
+        ..Default::default()
+    };
+    for o in opts.split(',').filter(|o| !o.is_empty()) {
+        match o {
+            "ro" => m.read_only = true,
+            "rw" => m.read_only = false,
+            _ => match o.strip_prefix("label.").and_then(|kv| kv.split_once('=')) {
+                Some((k, v)) => {
+                    m.labels.insert(k.to_string(), v.to_string());
+                }
+                None => m.options.push(o.to_string()),
+            },
+        }
+    }
+    Ok(m)
+}
+
+/// The volumes of a container, from its labels (none without the label).
+pub fn from_labels(labels: &HashMap<String, String>) -> Result<Vec<Volume>, AgentError> {
+    match labels.get(LABEL) {
+        None => Ok(Vec::new()),
+        Some(v) => serde_json::from_str(v)
+            .map_err(|e| refuse(format!("label {LABEL} is not a volume list: {e}"))),
+    }
+}
+
+/// The label value for `vols`.
+pub fn to_label(vols: &[Volume]) -> String {
+    serde_json::to_string(vols).unwrap_or_else(|_| "[]".into())
+}
+
+/// Creates the host directories of named and anonymous volumes (bind sources must
+/// exist) and returns their paths, in order.
+pub fn prepare_dirs(vols: &[Volume], work: &Path, id: &str) -> Result<Vec<PathBuf>, AgentError> {
+    let mut out = Vec::new();
+    for (i, v) in vols.iter().enumerate() {
+        let p = v.host_path(work, id, i);
+        if v.kind != Kind::Bind {
+            fs::create_dir_all(&p).map_err(|source| AgentError::WriteFile {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Removes anonymous volumes of container `id` (named volumes and bind sources stay).
+pub fn remove_anonymous(work: &Path, id: &str) {
+    let _ = fs::remove_dir_all(work.join("volumes").join("_anon").join(id));
+}
+
+fn digest_marker(work: &Path, name: &str) -> PathBuf {
+    work.join("volumes").join(format!(".{name}.xfer-digest"))
+}
+
+/// The digest of the content a named read-only volume was installed with here.
+pub fn installed_digest(work: &Path, name: &str) -> Option<String> {
+    fs::read_to_string(digest_marker(work, name))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Writes a tar of directory `dir`'s content to `out`: entries in sorted order, with
+/// modes, owners, times; symlinks as links. The same content gives the same bytes, so
+/// rounds deduplicate.
+pub fn capture(dir: &Path, out: &Path) -> Result<u64, AgentError> {
+    let werr = |source| AgentError::WriteFile {
+        path: out.to_path_buf(),
+        source,
+    };
+    let f = fs::File::create(out).map_err(werr)?;
+    let mut b = tar::Builder::new(io::BufWriter::new(f));
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Complete);
+    fn walk<W: io::Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -> io::Result<()> {
+        let mut entries: Vec<_> = fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let r = rel.join(e.file_name());
+            let ft = e.file_type()?;
+            b.append_path_with_name(e.path(), &r)?;
+            if ft.is_dir() {
+                walk(b, root, &r)?;
+            }
+        }
+        Ok(())
+    }
+    walk(&mut b, dir, Path::new("")).map_err(|source| AgentError::ReadFile {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let w = b.into_inner().map_err(werr)?;
+    let f = w.into_inner().map_err(|e| werr(e.into_error()))?;
+    f.sync_all().map_err(werr)?;
+    Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
+}
+
+/// Replaces directory `target`'s content with tar `tar_path` (unpacked beside it,
+/// swapped in by rename). For a named read-only volume, `digest` is recorded so a
+/// later migration of the same content skips it.
+pub fn install(
+    tar_path: &Path,
+    target: &Path,
+    marker: Option<(&Path, &str, &str)>,
+) -> Result<(), AgentError> {
+    let parent = target
+        .parent()
+        .ok_or_else(|| refuse(format!("volume path {} has no parent", target.display())))?;
+    fs::create_dir_all(parent).map_err(|source| AgentError::WriteFile {
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    let base = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fresh = parent.join(format!(".{base}.xfer-new"));
+    let old = parent.join(format!(".{base}.xfer-old"));
+    let _ = fs::remove_dir_all(&fresh);
+    let _ = fs::remove_dir_all(&old);
+    let werr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::WriteFile { path, source }
+    };
+    fs::create_dir_all(&fresh).map_err(werr(&fresh))?;
+    let f = fs::File::open(tar_path).map_err(|source| AgentError::ReadFile {
+        path: tar_path.to_path_buf(),
+        source,
+    })?;
+    let mut a = tar::Archive::new(io::BufReader::new(f));
+    a.set_preserve_permissions(true);
+    a.set_preserve_ownerships(true);
+    a.set_preserve_mtime(true);
+    a.set_overwrite(true);
+    // Entries one by one, so directories get their times back after their content
+    // was written (which changes them): the same content captures to the same tar.
+    let unpacked = (|| -> io::Result<()> {
+        let mut dirs = Vec::new();
+        for e in a.entries()? {
+            let mut e = e?;
+            let is_dir = e.header().entry_type().is_dir();
+            let mtime = e.header().mtime().ok();
+            let rel = e.path()?.into_owned();
+            e.unpack_in(&fresh)?;
+            if let (true, Some(t)) = (is_dir, mtime) {
+                dirs.push((fresh.join(rel), t));
+            }
+        }
+        for (d, t) in dirs.iter().rev() {
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*t);
+            fs::File::open(d)?.set_modified(when)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = unpacked {
+        let _ = fs::remove_dir_all(&fresh);
+        return Err(werr(&fresh)(e));
+    }
+    // Keep the directory's own mode and owner.
+    if let Ok(m) = fs::metadata(target) {
+        let _ = fs::set_permissions(&fresh, m.permissions());
+        let _ = std::os::unix::fs::chown(
+            &fresh,
+            Some(std::os::unix::fs::MetadataExt::uid(&m)),
+            Some(std::os::unix::fs::MetadataExt::gid(&m)),
+        );
+        fs::rename(target, &old).map_err(werr(target))?;
+    }
+    fs::rename(&fresh, target).map_err(werr(target))?;
+    let _ = fs::remove_dir_all(&old);
+    if let Some((work, name, digest)) = marker {
+        let m = digest_marker(work, name);
+        fs::write(&m, digest).map_err(werr(&m))?;
+    }
+    Ok(())
+}
+
+/// Points the spec's bind mounts at this node's paths: each mount whose destination
+/// is a volume's gets that volume's `sources` entry.
+pub fn rewrite_mounts(
+    spec_json: &[u8],
+    vols: &[Volume],
+    sources: &[PathBuf],
+) -> Result<Vec<u8>, AgentError> {
+    if vols.is_empty() {
+        return Ok(spec_json.to_vec());
+    }
+    let mut spec: Value = serde_json::from_slice(spec_json)
+        .map_err(|e| refuse(format!("the container's spec is not JSON: {e}")))?;
+    let mounts = spec
+        .get_mut("mounts")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| refuse("the container's spec has no mounts"))?;
+    for (v, src) in vols.iter().zip(sources) {
+        let m = mounts
+            .iter_mut()
+            .find(|m| m.get("destination").and_then(Value::as_str) == Some(&v.destination))
+            .ok_or_else(|| refuse(format!("the spec has no mount at {}", v.destination)))?;
+        m["source"] = Value::String(src.display().to_string());
+    }
+    serde_json::to_vec(&spec).map_err(|e| refuse(format!("encode the spec: {e}")))
+}
+
+/// The source side of a migration's volumes: which objects each round carries.
+#[derive(Debug, Default)]
+pub struct Moves {
+    /// (object name, path on this node, read-only)
+    items: Vec<(String, PathBuf, bool)>,
+    /// Where the tars are written.
+    scratch: PathBuf,
+    /// Manifests of read-only volumes, once published (re-offered in the final round).
+    ro_published: Vec<xfer_proto::v1::ObjectManifest>,
+}
+
+impl Moves {
+    /// The volumes of container `id` on a node with work directory `work`.
+    pub fn new(vols: &[Volume], work: &Path, id: &str, scratch: PathBuf) -> Moves {
+        Moves {
+            items: vols
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.object_name(i), v.host_path(work, id, i), v.read_only))
+                .collect(),
+            scratch,
+            ro_published: Vec::new(),
+        }
+    }
+
+    /// Tars of this round: every read-write volume, and the read-only ones until
+    /// they were published once.
+    pub fn round_files(&self, round: u32) -> Result<Vec<crate::transfer::OutFile>, AgentError> {
+        let dir = self.scratch.join(format!("round-{round}"));
+        let mut out = Vec::new();
+        for (name, src, ro) in &self.items {
+            if *ro && !self.ro_published.is_empty() {
+                continue;
+            }
+            fs::create_dir_all(&dir).map_err(|source| AgentError::WriteFile {
+                path: dir.clone(),
+                source,
+            })?;
+            let path = dir.join(format!("{name}.tar"));
+            capture(src, &path)?;
+            out.push(crate::transfer::OutFile {
+                kind: xfer_proto::v1::FileKind::Volume,
+                name: name.clone(),
+                path,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Notes what a round published; returns the read-only manifests that round did
+    /// not carry (a final round re-offers them, so the destination installs them).
+    pub fn published(
+        &mut self,
+        manifests: &[xfer_proto::v1::ObjectManifest],
+    ) -> Vec<xfer_proto::v1::ObjectManifest> {
+        let ro: Vec<_> = manifests
+            .iter()
+            .filter(|m| {
+                m.kind == xfer_proto::v1::FileKind::Volume as i32 && m.name.starts_with("ro-")
+            })
+            .cloned()
+            .collect();
+        if !ro.is_empty() {
+            self.ro_published = ro;
+            return Vec::new();
+        }
+        self.ro_published.clone()
+    }
+
+    /// Removes the tars of `round` (published: the destination fetches chunks from
+    /// the store, not from these files).
+    pub fn done_round(&self, round: u32) {
+        let _ = fs::remove_dir_all(self.scratch.join(format!("round-{round}")));
+    }
+
+    /// Removes this migration's tars.
+    pub fn cleanup(&self) {
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn msg(kind: VolumeKind, name: &str, dst: &str) -> VolumeMsg {
+        VolumeMsg {
+            kind: kind as i32,
+            name: name.into(),
+            destination: dst.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn command_line_forms() {
+        let m = parse_cli("data:/data:ro,nosuid,label.tier=gold").expect("named");
+        assert_eq!(m.kind, VolumeKind::Named as i32);
+        assert_eq!((m.name.as_str(), m.destination.as_str()), ("data", "/data"));
+        assert!(m.read_only);
+        assert_eq!(m.options, vec!["nosuid".to_string()]);
+        assert_eq!(m.labels.get("tier").map(String::as_str), Some("gold"));
+        let b = parse_cli("/srv/x:/x").expect("bind");
+        assert_eq!(b.kind, VolumeKind::Bind as i32);
+        assert_eq!(b.source, "/srv/x");
+        let a = parse_cli("/scratch").expect("anonymous");
+        assert_eq!(a.kind, VolumeKind::Anonymous as i32);
+        assert_eq!(a.destination, "/scratch");
+        let a = parse_cli("/scratch::ro").expect("anonymous with options");
+        assert!(a.read_only);
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        assert!(Volume::from_msg(&msg(VolumeKind::Named, "data", "/data")).is_ok());
+        assert!(Volume::from_msg(&msg(VolumeKind::Named, "../x", "/data")).is_err());
+        assert!(Volume::from_msg(&msg(VolumeKind::Named, "data", "data")).is_err());
+        assert!(Volume::from_msg(&msg(VolumeKind::Named, "data", "/a/../b")).is_err());
+        assert!(Volume::from_msg(&msg(VolumeKind::Unspecified, "data", "/d")).is_err());
+        let mut b = msg(VolumeKind::Bind, "", "/d");
+        b.source = "/definitely/not/here".into();
+        assert!(Volume::from_msg(&b).is_err());
+        let mut o = msg(VolumeKind::Anonymous, "", "/d");
+        o.options = vec!["nosuid".into(), "bogus".into()];
+        let e = Volume::from_msg(&o).expect_err("bad option");
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn labels_round_trip_and_names() {
+        let mut m = msg(VolumeKind::Named, "conf", "/conf");
+        m.read_only = true;
+        m.options = vec!["nodev".into()];
+        m.labels.insert("tier".into(), "gold".into());
+        let v = Volume::from_msg(&m).expect("ok");
+        let a = Volume::from_msg(&msg(VolumeKind::Anonymous, "", "/tmp/x")).expect("ok");
+        let labels: HashMap<String, String> =
+            [(LABEL.to_string(), to_label(&[v.clone(), a.clone()]))].into();
+        assert_eq!(
+            from_labels(&labels).expect("parse"),
+            vec![v.clone(), a.clone()]
+        );
+        assert_eq!(v.object_name(0), "ro-conf");
+        assert_eq!(a.object_name(1), "rw-1");
+        let mount = v.spec_mount(Path::new("/w/volumes/conf"));
+        assert_eq!(mount["options"], json!(["rbind", "ro", "nodev"]));
+        assert_eq!(
+            a.host_path(Path::new("/w"), "c1", 1),
+            PathBuf::from("/w/volumes/_anon/c1/1")
+        );
+    }
+
+    #[test]
+    fn capture_is_deterministic_and_install_restores_it() {
+        let t = tempfile::tempdir().expect("tmp");
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("sub")).expect("mkdir");
+        fs::write(src.join("b.txt"), b"bee").expect("write");
+        fs::write(src.join("sub/a.txt"), b"ay").expect("write");
+        fs::set_permissions(src.join("b.txt"), fs::Permissions::from_mode(0o640)).expect("chmod");
+        std::os::unix::fs::symlink("b.txt", src.join("link")).expect("symlink");
+        // An old directory time, which unpacking its content would otherwise change.
+        fs::File::open(src.join("sub"))
+            .and_then(|f| {
+                f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+            })
+            .expect("set mtime");
+        let (t1, t2) = (t.path().join("1.tar"), t.path().join("2.tar"));
+        capture(&src, &t1).expect("capture");
+        capture(&src, &t2).expect("capture");
+        assert_eq!(fs::read(&t1).expect("read"), fs::read(&t2).expect("read"));
+
+        let dst = t.path().join("work/volumes/conf");
+        fs::create_dir_all(&dst).expect("mkdir");
+        fs::write(dst.join("stale"), b"old").expect("write");
+        let work = t.path().join("work");
+        install(&t1, &dst, Some((&work, "conf", "abc"))).expect("install");
+        assert_eq!(fs::read(dst.join("b.txt")).expect("b"), b"bee");
+        assert_eq!(fs::read(dst.join("sub/a.txt")).expect("a"), b"ay");
+        assert!(!dst.join("stale").exists(), "old content replaced");
+        let mode = fs::metadata(dst.join("b.txt"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(
+            fs::read_link(dst.join("link")).expect("link"),
+            Path::new("b.txt")
+        );
+        assert_eq!(installed_digest(&work, "conf").as_deref(), Some("abc"));
+        // What was installed captures to the same bytes (directory times included).
+        let t3 = t.path().join("3.tar");
+        capture(&dst, &t3).expect("capture the installed copy");
+        assert_eq!(fs::read(&t3).expect("read"), fs::read(&t1).expect("read"));
+    }
+
+    #[test]
+    fn spec_mounts_are_pointed_at_this_node() {
+        let v = Volume::from_msg(&msg(VolumeKind::Named, "data", "/data")).expect("ok");
+        let spec = json!({"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                                     v.spec_mount(Path::new("/h1/volumes/data"))]});
+        let out = rewrite_mounts(
+            &serde_json::to_vec(&spec).expect("json"),
+            std::slice::from_ref(&v),
+            &[PathBuf::from("/h2/volumes/data")],
+        )
+        .expect("rewrite");
+        let out: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(out["mounts"][1]["source"], "/h2/volumes/data");
+        assert_eq!(out["mounts"][0]["source"], "proc");
+        assert_eq!(out["mounts"][1]["options"], json!(["rbind", "rw"]));
+    }
+}
