@@ -180,6 +180,23 @@ impl ModeConfig {
         }
     }
 
+    /// How long a host that died may still be named in answers:
+    ///
+    /// * pull (a, d): `drop_after × period + timeout` (that many pulls must fail);
+    /// * push (b): `host_ttl + heartbeat` (the store's TTL, checked every heartbeat);
+    /// * on-line query (c): `timeout` (a dead neighbour does not answer);
+    /// * subscribe (e): `drop_after × probe_period + timeout`.
+    pub fn gone_window(&self) -> Duration {
+        match self {
+            ModeConfig::CentralPull(p) | ModeConfig::NeighbourPull(p) => {
+                p.period * p.drop_after + p.timeout
+            }
+            ModeConfig::CentralPush(p) => p.host_ttl + p.heartbeat,
+            ModeConfig::OnlineQuery(q) => q.timeout,
+            ModeConfig::NeighbourSubscribe(s) => s.probe_period * s.drop_after + s.timeout,
+        }
+    }
+
     /// Whether the mode is kept by the knowledge base (a, b) rather than by each
     /// destination (c, d, e).
     pub fn is_central(&self) -> bool {

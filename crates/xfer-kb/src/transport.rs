@@ -52,6 +52,7 @@ pub struct Faults {
 #[derive(Debug, Default)]
 struct FaultState {
     rate: f64,
+    silenced: HashSet<String>,
     next: HashMap<String, u32>,
     lost: u64,
 }
@@ -71,6 +72,22 @@ impl Faults {
         *self.lock().next.entry(host.to_owned()).or_default() += n;
     }
 
+    /// Loses everything from `host` (full inventories too): the host is dead as far
+    /// as the knowledge base can tell. `false` undoes it.
+    pub fn silence(&self, host: &str, silent: bool) {
+        let mut st = self.lock();
+        if silent {
+            st.silenced.insert(host.to_owned());
+        } else {
+            st.silenced.remove(host);
+        }
+    }
+
+    /// Whether `host` is silenced.
+    pub fn is_silenced(&self, host: &str) -> bool {
+        self.lock().silenced.contains(host)
+    }
+
     /// Events lost so far.
     pub fn lost(&self) -> u64 {
         self.lock().lost
@@ -79,6 +96,10 @@ impl Faults {
     /// Whether `ev` is lost (counts it if so).
     pub fn lose(&self, ev: &HostEvent) -> bool {
         let mut st = self.lock();
+        if st.silenced.contains(&ev.host) {
+            st.lost += 1;
+            return true;
+        }
         if let Some(n) = st.next.get_mut(&ev.host) {
             if *n > 0 {
                 *n -= 1;
@@ -280,6 +301,12 @@ impl KbSink for LossySink {
 
     async fn push_full(&self, inv: &FullInventory) -> Result<(), KbError> {
         tokio::time::sleep(self.delay).await;
+        if self.faults.is_silenced(&inv.host) {
+            return Err(KbError::Reach {
+                host: inv.host.clone(),
+                what: "knowledge base unreachable".into(),
+            });
+        }
         let r = self.inner.push_full(inv).await;
         tokio::time::sleep(self.delay).await;
         r
