@@ -19,6 +19,23 @@ fn clock() -> Arc<dyn Clock> {
     Arc::new(TokioClock::starting_at(Timestamp::from_secs(1_800_000_000)))
 }
 
+/// Three hosts and mode `mode` deployed over them, on an unpersisted embedded store.
+fn start(mode: &ModeConfig) -> (Cluster, xfer_kb::sim::Deployment) {
+    let clock = clock();
+    let c = Cluster::new(clock.clone(), DELAY);
+    let store: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
+    let dep = xfer_kb::sim::deploy(
+        mode,
+        store,
+        c.transport.clone(),
+        &c.dyn_hosts(),
+        c.names(),
+        clock,
+        DELAY,
+    );
+    (c, dep)
+}
+
 async fn run(cfg: ModeConfig) {
     let ttl = match &cfg {
         ModeConfig::CentralPush(p) => Some(p.host_ttl),
@@ -65,18 +82,7 @@ async fn neighbour_subscribe_answers_after_add_remove_evict() {
 #[tokio::test(start_paused = true)]
 async fn pull_is_stale_until_the_next_pull() {
     let cfg = ModeConfig::CentralPull(PullConfig::default());
-    let clock = clock();
-    let c = Cluster::new(clock.clone(), DELAY);
-    let store: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
-    let dep = xfer_kb::sim::deploy(
-        &cfg,
-        store,
-        c.transport.clone(),
-        &c.dyn_hosts(),
-        c.names(),
-        clock,
-        DELAY,
-    );
+    let (c, dep) = start(&cfg);
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.hosts[0].add(&[d(1)]);
     tokio::time::sleep(Duration::from_secs(15)).await;
@@ -96,19 +102,8 @@ async fn central_push_lost_events_repaired_by_periodic_full_update() {
         ..PushConfig::default()
     };
     let mode = ModeConfig::CentralPush(cfg);
-    let clock = clock();
-    let c = Cluster::new(clock.clone(), DELAY);
+    let (c, dep) = start(&mode);
     c.hosts[0].add(&[d(1), d(2)]);
-    let store: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
-    let dep = xfer_kb::sim::deploy(
-        &mode,
-        store,
-        c.transport.clone(),
-        &c.dyn_hosts(),
-        c.names(),
-        clock,
-        DELAY,
-    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(dir_names(&*dep.directory, &[d(1)]).await, vec![v(&["h1"])]);
     let sink = dep.sink.clone().expect("push mode has a sink");
@@ -143,18 +138,7 @@ async fn central_push_gap_triggers_full_update() {
         ..PushConfig::default()
     };
     let mode = ModeConfig::CentralPush(cfg);
-    let clock = clock();
-    let c = Cluster::new(clock.clone(), DELAY);
-    let store: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
-    let dep = xfer_kb::sim::deploy(
-        &mode,
-        store,
-        c.transport.clone(),
-        &c.dyn_hosts(),
-        c.names(),
-        clock,
-        DELAY,
-    );
+    let (c, dep) = start(&mode);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let sink = dep.sink.clone().expect("sink");
     sink.faults().lose_next("h2", 1);
@@ -177,18 +161,7 @@ async fn central_push_heartbeat_finds_lost_last_event() {
         full_period: Duration::from_secs(100_000),
         ..PushConfig::default()
     });
-    let clock = clock();
-    let c = Cluster::new(clock.clone(), DELAY);
-    let store: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
-    let dep = xfer_kb::sim::deploy(
-        &mode,
-        store,
-        c.transport.clone(),
-        &c.dyn_hosts(),
-        c.names(),
-        clock,
-        DELAY,
-    );
+    let (c, dep) = start(&mode);
     tokio::time::sleep(Duration::from_secs(1)).await;
     dep.sink.as_ref().expect("sink").faults().lose_next("h3", 1);
     c.hosts[2].add(&[d(1)]);
@@ -208,18 +181,7 @@ async fn neighbour_subscribe_lost_events_repaired() {
             full_period: Duration::from_secs(300),
             ..SubscribeConfig::default()
         });
-        let clock = clock();
-        let c = Cluster::new(clock.clone(), DELAY);
-        let store: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
-        let dep = xfer_kb::sim::deploy(
-            &mode,
-            store,
-            c.transport.clone(),
-            &c.dyn_hosts(),
-            c.names(),
-            clock,
-            DELAY,
-        );
+        let (c, dep) = start(&mode);
         tokio::time::sleep(Duration::from_secs(1)).await;
         c.transport.faults().lose_next("h1", 1);
         c.hosts[0].add(&[d(1)]);
