@@ -88,7 +88,7 @@ impl Faults {
         self.lock().silenced.contains(host)
     }
 
-    /// Events lost so far.
+    /// Events lost so far (not counting silenced hosts).
     pub fn lost(&self) -> u64 {
         self.lock().lost
     }
@@ -97,7 +97,6 @@ impl Faults {
     pub fn lose(&self, ev: &HostEvent) -> bool {
         let mut st = self.lock();
         if st.silenced.contains(&ev.host) {
-            st.lost += 1;
             return true;
         }
         if let Some(n) = st.next.get_mut(&ev.host) {
