@@ -190,34 +190,42 @@ pub struct StalenessReport {
     pub lost_events: u64,
 }
 
-/// A small deterministic generator (xorshift64*), for reproducible runs.
+/// Reproducible pseudo-random numbers: BLAKE3 of (seed, counter).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+struct Rng {
+    seed: u64,
+    n: u64,
+}
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.n += 1;
+        let mut h = blake3::Hasher::new();
+        h.update(&self.seed.to_le_bytes());
+        h.update(&self.n.to_le_bytes());
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(b) % n.max(1)
     }
 }
 
-/// Polls `probe` (true = reflected) from now until it holds, starting fine (1 ms) and
-/// backing off (10 ms after 100 ms, 100 ms after 1 s); returns the delay, or `None`
-/// past `limit`. Error of the figure: at most 10% of it (1 ms below 10 ms).
-async fn time_until<F, Fut>(limit: Duration, mut probe: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
+/// Polls `dir` from now until it names `host` as a holder of `digest` (`present`) or
+/// no longer does (`!present`), starting fine (1 ms) and backing off (10 ms after
+/// 100 ms, 100 ms after 1 s); returns the delay, or `None` past `limit`. Error of the
+/// figure: at most 10% of it (1 ms below 10 ms).
+async fn time_until(
+    limit: Duration,
+    dir: &dyn Directory,
+    digest: xfer_store::Digest,
+    host: &str,
+    present: bool,
+) -> Option<Duration> {
     let t0 = tokio::time::Instant::now();
     loop {
-        if probe().await {
-            return Some(t0.elapsed());
+        if let Ok(a) = dir.holders(&[digest]).await {
+            if a.names_of(0).contains(&host) == present {
+                return Some(t0.elapsed());
+            }
         }
         let e = t0.elapsed();
         if e > limit {
@@ -248,7 +256,10 @@ pub async fn measure_staleness(cfg: &ModeConfig, opts: &StalenessOpts) -> Stalen
     let clock: Arc<dyn Clock> =
         Arc::new(TokioClock::starting_at(Timestamp::from_secs(1_800_000_000)));
     let transport = Arc::new(LocalTransport::new(opts.delay));
-    let mut rng = Rng(opts.seed.max(1));
+    let mut rng = Rng {
+        seed: opts.seed,
+        n: 0,
+    };
     let mut next_digest = 0u64;
     let mut fresh = || {
         next_digest += 1;
@@ -318,18 +329,7 @@ pub async fn measure_staleness(cfg: &ModeConfig, opts: &StalenessOpts) -> Stalen
                 (dg, false)
             }
         };
-        let name = names[h].clone();
-        let dir = dir.clone();
-        let t = time_until(limit, || {
-            let (dir, name) = (dir.clone(), name.clone());
-            async move {
-                match dir.holders(&[digest]).await {
-                    Ok(a) => a.names_of(0).contains(&name.as_str()) == present,
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
+        let t = time_until(limit, &*dir, digest, &names[h], present).await;
         match t {
             Some(t) => changes.push(t),
             None => timeouts += 1,
@@ -346,18 +346,7 @@ pub async fn measure_staleness(cfg: &ModeConfig, opts: &StalenessOpts) -> Stalen
         if let Some(s) = &dep.sink {
             s.faults().silence(&names[h], true);
         }
-        let name = names[h].clone();
-        let dir = dir.clone();
-        let t = time_until(limit, || {
-            let (dir, name) = (dir.clone(), name.clone());
-            async move {
-                match dir.holders(&[probe_digest]).await {
-                    Ok(a) => !a.names_of(0).contains(&name.as_str()),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
+        let t = time_until(limit, &*dir, probe_digest, &names[h], false).await;
         match t {
             Some(t) => gone.push(t),
             None => timeouts += 1,
