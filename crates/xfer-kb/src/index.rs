@@ -185,6 +185,11 @@ impl Index {
         self.ids.get(host).copied()
     }
 
+    /// One more than the largest host id handed out (for tables indexed by host id).
+    pub fn host_slots(&self) -> usize {
+        self.names.len()
+    }
+
     /// The name of host `id`.
     pub fn host_name(&self, id: u16) -> Option<&str> {
         self.names.get(id as usize)?.as_deref()

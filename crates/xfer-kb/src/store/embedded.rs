@@ -86,11 +86,17 @@ impl EmbeddedStore {
     /// Writes the whole state to the store's file (temp file, fsync, rename). No-op
     /// for an in-memory store.
     pub fn persist(&self) -> Result<(), KbError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
+        match &self.path {
+            Some(path) => self.persist_to(path),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the whole state to `path` (temp file, fsync, rename), in the format
+    /// [`EmbeddedStore::open`] reads.
+    pub fn persist_to(&self, path: &Path) -> Result<(), KbError> {
         let err = |source| KbError::Persist {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         };
         let tmp = path.with_extension("tmp");
@@ -279,25 +285,27 @@ impl KbStore for EmbeddedStore {
             hosts: Vec::new(),
             holders: Vec::with_capacity(digests.len()),
         };
-        // Host id -> position in `out.hosts`.
-        let mut pos: HashMap<u16, u32> = HashMap::new();
+        // Host id -> position in `out.hosts` (UNSEEN: not yet; NO_RECORD: skip).
+        const UNSEEN: u32 = u32::MAX;
+        const NO_RECORD: u32 = u32::MAX - 1;
+        let mut pos = vec![UNSEEN; st.index.host_slots()];
         for d in digests {
-            let mut v = Vec::new();
-            for &h in st.index.holders(d) {
-                let p = match pos.get(&h) {
-                    Some(&p) => p,
-                    None => {
-                        let Some(rec) = st.index.host_name(h).and_then(|n| st.records.get(n))
-                        else {
-                            continue;
-                        };
-                        out.hosts.push(facts(rec));
-                        let p = (out.hosts.len() - 1) as u32;
-                        pos.insert(h, p);
-                        p
-                    }
-                };
-                v.push(p);
+            let holders = st.index.holders(d);
+            let mut v = Vec::with_capacity(holders.len());
+            for &h in holders {
+                let slot = &mut pos[h as usize];
+                if *slot == UNSEEN {
+                    *slot = match st.index.host_name(h).and_then(|n| st.records.get(n)) {
+                        Some(rec) => {
+                            out.hosts.push(facts(rec));
+                            (out.hosts.len() - 1) as u32
+                        }
+                        None => NO_RECORD,
+                    };
+                }
+                if *slot != NO_RECORD {
+                    v.push(*slot);
+                }
             }
             out.holders.push(v);
         }
