@@ -34,6 +34,13 @@ pub enum KbError {
         #[source]
         source: serde_json::Error,
     },
+    /// Starting a private etcd-server (tests, examples).
+    #[error("starting etcd: {what}")]
+    StartEtcd {
+        what: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// Connecting to etcd.
     #[error("connecting to etcd at {endpoints:?}")]
     EtcdConnect {

@@ -17,7 +17,8 @@
 //!   how modes reach hosts and the knowledge base ([`Transport`], [`KbSink`]); the
 //!   agent implements them over its store and gRPC. In-process implementations with
 //!   fault injection are here for tests.
-//! * [`sim`]: runs a mode in one process.
+//! * [`sim`]: runs a mode in one process; measures staleness.
+//! * [`etcd_server`]: a private etcd-server for tests and benchmarks.
 //!
 //! Answers can be wrong: a host went away or evicted a chunk after the knowledge base
 //! last heard of it. Every answer carries, per host, `as_of` (until when the
@@ -27,6 +28,7 @@
 
 pub mod clock;
 mod error;
+pub mod etcd_server;
 pub mod index;
 pub mod inventory;
 pub mod model;

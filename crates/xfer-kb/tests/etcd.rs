@@ -5,96 +5,32 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use xfer_kb::etcd_server::{etcd_binary, EtcdServer};
 use xfer_kb::{
     Clock, EtcdConfig, EtcdStore, FullInventory, HostInfo, KbStore, ModeConfig, PullConfig,
     PushConfig, SystemClock, Timestamp,
 };
 
-/// A private etcd-server.
-struct Etcd {
-    child: Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-fn etcd_binary() -> String {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("etcd"))
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => p.display().to_string(),
-        None => panic!(
-            "the `etcd` binary is missing: the etcd tests need etcd-server \
-             (`apt-get install etcd-server`, or `cargo xtask setup`)"
-        ),
-    }
-}
+/// A private etcd-server; the tests FAIL (loudly) when the binary is missing.
+struct Etcd(EtcdServer);
 
 impl Etcd {
     async fn start() -> Etcd {
-        let bin = etcd_binary();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(bin)
-            .arg("--name=kbtest")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=kbtest={peer_url}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        let etcd = Etcd {
-            child,
-            _dir: dir,
-            url,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
-                if c.get("probe", None).await.is_ok() {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not come up at {}",
-                etcd.url
+        if etcd_binary().is_none() {
+            panic!(
+                "the `etcd` binary is missing: the etcd tests need etcd-server \
+                 (`apt-get install etcd-server`, or `cargo xtask setup`)"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        etcd
+        Etcd(EtcdServer::start().await.expect("start etcd"))
     }
 
     async fn store(&self, prefix: &str, lease_ttl: Duration) -> Arc<EtcdStore> {
-        let mut cfg = EtcdConfig::new(vec![self.url.clone()]);
+        let mut cfg = EtcdConfig::new(vec![self.0.url().to_owned()]);
         cfg.prefix = prefix.into();
         cfg.lease_ttl = lease_ttl;
         Arc::new(EtcdStore::connect(cfg).await.expect("connect to etcd"))
