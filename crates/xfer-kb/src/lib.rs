@@ -17,6 +17,8 @@
 //!   how modes reach hosts and the knowledge base ([`Transport`], [`KbSink`]); the
 //!   agent implements them over its store and gRPC. In-process implementations with
 //!   fault injection are here for tests.
+//! * [`candidates`]: ranked candidate sources per chunk for the fetcher, from an
+//!   answer (link, load, freshness, snapshot affinity; the source is the fallback).
 //! * [`sim`]: runs a mode in one process; measures staleness.
 //! * [`etcd_server`]: a private etcd-server for tests and benchmarks.
 //!
@@ -26,6 +28,7 @@
 //! the fetcher ranks fresher holders first and treats a "missing" reply as the normal
 //! case it fails over from. docs/knowledge-base.md has the measured windows.
 
+pub mod candidates;
 pub mod clock;
 mod error;
 pub mod etcd_server;
@@ -37,6 +40,7 @@ pub mod sim;
 pub mod store;
 pub mod transport;
 
+pub use candidates::{rank_candidates, CandidatePolicy, Candidates, HostScore, Moving};
 pub use clock::{Clock, FakeClock, SystemClock, Timestamp, TokioClock};
 pub use error::KbError;
 pub use index::Index;
