@@ -44,7 +44,7 @@ pub use candidates::{rank_candidates, CandidatePolicy, Candidates, HostScore, Mo
 pub use clock::{Clock, FakeClock, SystemClock, Timestamp, TokioClock};
 pub use error::KbError;
 pub use index::Index;
-pub use inventory::{Inventory, MemInventory};
+pub use inventory::{Inventory, MemInventory, StoreInventory};
 pub use model::{
     Applied, Change, FullInventory, HoldersAnswer, HostEvent, HostFacts, HostInfo, HostName,
     HostRecord, HostStatus, Link, ModeKind, Snapshot, SnapshotQuery, SnapshotsAnswer, Subject,

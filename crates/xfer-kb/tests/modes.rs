@@ -218,3 +218,58 @@ async fn embedded_store_persists() {
     std::fs::write(&path, b"garbage").expect("ok");
     assert!(EmbeddedStore::open(&path, None).is_err());
 }
+
+/// A host's on-disk chunk store as its inventory, through central push: puts,
+/// deletes and garbage collection reach the knowledge base; a put the host forgot to
+/// report is repaired by the next full update, which reads the store.
+#[tokio::test(start_paused = true)]
+async fn store_inventory_through_central_push() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(xfer_store::Store::open(dir.path()).expect("store"));
+    let clock = clock();
+    let inv = Arc::new(xfer_kb::StoreInventory::new(
+        "disk",
+        store.clone(),
+        clock.clone(),
+    ));
+    let transport = Arc::new(xfer_kb::LocalTransport::new(DELAY));
+    transport.add(inv.clone());
+    let mode = ModeConfig::CentralPush(PushConfig::default());
+    let kb: Arc<dyn KbStore> = Arc::new(EmbeddedStore::in_memory(None));
+    let dep = xfer_kb::sim::deploy(
+        &mode,
+        kb,
+        transport,
+        &[inv.clone() as Arc<dyn xfer_kb::Inventory>],
+        vec![],
+        clock,
+        DELAY,
+    );
+    let a = store.put(b"layer chunk").expect("put");
+    let b = store.put(b"memory page").expect("put");
+    inv.added(&[a, b]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        dir_names(&*dep.directory, &[a, b]).await,
+        vec![v(&["disk"]), v(&["disk"])]
+    );
+    store.remove(&a).expect("remove");
+    inv.removed(&[a]);
+    let report = store
+        .gc(&xfer_store::GcPolicy {
+            max_bytes: Some(0),
+            min_age: Duration::ZERO,
+            collect_expired: true,
+        })
+        .expect("gc");
+    inv.collected(&report);
+    // Not reported: only the full update can tell.
+    let c = store.put(b"unreported").expect("put");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        dir_names(&*dep.directory, &[a, b, c]).await,
+        vec![v(&[]), v(&[]), v(&[])]
+    );
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(dir_names(&*dep.directory, &[c]).await, vec![v(&["disk"])]);
+}
