@@ -127,11 +127,25 @@ pub async fn run(
     // Validate: refuse bad input before anything is frozen.
     let t = Instant::now();
     let record = rt.container(id).await.map_err(rt_err(Step::Validate))?;
-    let (state, _) = rt.task_state(id).await.map_err(rt_err(Step::Validate))?;
+    let (state, task_pid) = rt.task_state(id).await.map_err(rt_err(Step::Validate))?;
     if state != TaskState::Running {
         return Err(AgentError::Refused(format!(
             "container {id} is {}, not running: only a running task can be migrated",
             state.as_str()
+        )));
+    }
+    // State CRIU cannot move is refused here, before anything is frozen.
+    let external = tokio::task::spawn_blocking(move || {
+        xfer_runtime::unixsock::external_unix_sockets(task_pid)
+    })
+    .await
+    .map_err(|e| AgentError::Refused(format!("inspect unix sockets: {e}")))?
+    .map_err(rt_err(Step::Validate))?;
+    if !external.is_empty() {
+        let list: Vec<String> = external.iter().map(|e| e.to_string()).collect();
+        return Err(AgentError::Refused(format!(
+            "container {id} holds unix sockets connected to processes outside it, which CRIU cannot checkpoint: {}; close those connections (or run the peer inside the container) and try again",
+            list.join("; ")
         )));
     }
     if !node.criu.usable() {

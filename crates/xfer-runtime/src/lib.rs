@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod error;
 pub mod image;
 pub mod rootfs;
+pub mod unixsock;
 
 pub use error::RuntimeError;
