@@ -246,6 +246,79 @@ async fn connect(g: &Globals, host: &str) -> anyhow::Result<Client> {
         .with_context(|| format!("connect to {host} ({})", t.endpoint))
 }
 
+/// What a migration looks like while it runs: each phase as a line, and on a
+/// terminal a live line with the elapsed time, the current round, the bytes on the
+/// wire so far and their rate.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    wire: u64,
+    round: u32,
+    frozen: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b.set_message("validating");
+            b
+        });
+        Progress {
+            bar,
+            started: std::time::Instant::now(),
+            wire: 0,
+            round: 0,
+            frozen: false,
+        }
+    }
+
+    fn phase(&mut self, p: &xfer_proto::v1::PhaseTiming) {
+        let line = format!(
+            "  {:<16} {:>9.1} ms {:>12} bytes",
+            p.name,
+            p.micros as f64 / 1000.0,
+            p.bytes
+        );
+        if !p.name.starts_with("dst.") && p.name != "checkpoint" && p.name != "rootfs_diff" {
+            self.wire += p.bytes;
+        }
+        if p.name.starts_with("precopy.") {
+            self.round += 1;
+        }
+        self.frozen |= p.name == "freeze";
+        match &self.bar {
+            Some(b) => {
+                b.println(line);
+                let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+                let next = if self.frozen {
+                    "cut-over (frozen)".to_string()
+                } else {
+                    format!("pre-copy round {}", self.round + 1)
+                };
+                b.set_message(format!(
+                    "{next} | {} on the wire | {}/s",
+                    indicatif::HumanBytes(self.wire),
+                    indicatif::HumanBytes((self.wire as f64 / secs) as u64)
+                ));
+            }
+            None => println!("{line}"),
+        }
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Globals {
     prefix: String,
@@ -427,19 +500,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !json {
                 println!("migrating {container}: {from} -> {to} ({mode:?})");
             }
+            let mut progress = (!json).then(Progress::new);
             let report = c
                 .migrate_opts(&container, &dst, &opts, |p| {
-                    if !json {
-                        println!(
-                            "  {:<16} {:>9.1} ms {:>12} bytes",
-                            p.name,
-                            p.micros as f64 / 1000.0,
-                            p.bytes
-                        );
+                    if let Some(pr) = progress.as_mut() {
+                        pr.phase(p);
                     }
                 })
                 .await
-                .with_context(|| format!("migrate {container} from {from} to {to}"))?;
+                .with_context(|| format!("migrate {container} from {from} to {to}"));
+            if let Some(pr) = progress.take() {
+                pr.finish();
+            }
+            let report = report?;
             if json {
                 let phases: Vec<_> = report
                     .phases
