@@ -75,6 +75,14 @@ struct Args {
     /// Tunnel kind: vxlan, ipip or gre (default: probe the kernel, lightest that works).
     #[arg(long)]
     tunnel_kind: Option<String>,
+    /// Cap on the chunk store's compressed bytes (e.g. 8G, 512M): garbage collection
+    /// removes unleased chunks, least recently used first, while above it. Default: no
+    /// cap (only chunks of expired leases are collected).
+    #[arg(long, value_parser = parse_size)]
+    store_cap: Option<u64>,
+    /// Seconds between garbage collections of the chunk store.
+    #[arg(long, default_value_t = 300)]
+    gc_interval: u64,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -185,6 +193,32 @@ async fn run() -> anyhow::Result<()> {
         .await
         .context("resume the handover of routed containers")?;
     tracing::info!(node = %args.node, listen = %args.listen, "xferd serving");
+    let gc_node = node.clone();
+    let policy = xfer_store::GcPolicy {
+        max_bytes: args.store_cap,
+        ..Default::default()
+    };
+    let gc_every = std::time::Duration::from_secs(args.gc_interval.max(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(gc_every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let store = gc_node.store().clone();
+            let policy = policy.clone();
+            match tokio::task::spawn_blocking(move || store.gc(&policy)).await {
+                Ok(Ok(r)) => tracing::info!(
+                    removed = r.removed.len(),
+                    freed = r.freed_bytes,
+                    stored = r.stored_bytes,
+                    over_cap = r.over_cap,
+                    "chunk store garbage collection"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "chunk store garbage collection failed"),
+                Err(e) => tracing::warn!(error = %e, "chunk store garbage collection task"),
+            }
+        }
+    });
     let reaper = node.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
@@ -207,5 +241,33 @@ async fn shutdown() {
     tokio::select! {
         _ = term.recv() => {},
         _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Parses a byte size: a number with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size: use e.g. 8G, 512M or a number of bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_size("512M"), Ok(512 << 20));
+        assert_eq!(super::parse_size("8g"), Ok(8 << 30));
+        assert_eq!(super::parse_size("1000"), Ok(1000));
+        assert!(super::parse_size("lots").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
     }
 }
