@@ -12,7 +12,7 @@ use futures::Stream;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 use xfer_proto::v1::agent_server::Agent;
 use xfer_proto::v1::*;
 use xfer_runtime::containerd::{rewrite_spec_for_host, Containerd, HostConfig, Runtime};
@@ -204,6 +204,7 @@ impl Node {
             }
             (inb.dir.clone(), inb.fetcher.clone(), inb.rebuilt.clone())
         };
+        let t = Instant::now();
         let objects = crate::sync::decode_objects(&r.objects)?;
         let ids = crate::sync::chunk_ids(&objects);
         let store = self.store.clone();
@@ -214,6 +215,12 @@ impl Node {
                 source,
             })?;
         let missing = store.missing(&ids);
+        debug!(
+            ids = ids.len(),
+            missing = missing.len(),
+            ms = t.elapsed().as_secs_f64() * 1000.0,
+            "decoded, leased, looked up"
+        );
         let t = Instant::now();
         let report = if missing.is_empty() {
             crate::chunks::FetchReport::default()

@@ -14,6 +14,7 @@
 //! | [`chunk`] | splitting: 4 KiB pages with zero pages carried without data ([`chunk::PAGE_SIZE`]); FastCDC for files and tar streams ([`chunk::CdcParams`]) |
 //! | [`manifest`] | an object = ordered chunk list + whole-object digest; versioned binary encoding; [`Manifest::rebuild`] |
 //! | [`store`] | the on-disk store: one compressed file per chunk, atomic writes, verify on read, quarantine, in-memory index, leases, GC |
+//! | [`patch`] | turning a file rebuilt earlier into the next version of its object, writing only what differs |
 //! | [`pipeline`] | the sender's helper: file -> manifest + the compressed chunks a peer lacks, on 2 threads |
 //!
 //! # How the pieces fit (sender S, receiver D)
@@ -56,6 +57,7 @@ pub mod chunk;
 mod error;
 pub mod frame;
 pub mod manifest;
+pub mod patch;
 pub mod pipeline;
 pub mod store;
 mod sys;
@@ -84,6 +86,77 @@ impl Digest {
     /// Digest of `data`.
     pub fn of(data: &[u8]) -> Self {
         Digest(*blake3::hash(data).as_bytes())
+    }
+
+    /// Digest of `data` computed on `threads` threads: the same value as
+    /// [`Digest::of`]. BLAKE3 is a tree, so the input is cut into subtrees of at most
+    /// 8 MiB along the tree's own boundaries, the threads hash those to chaining
+    /// values, and the values are merged up to the root. Worth it above a few MiB
+    /// (a 400 MB page image: ~120 ms on one thread here, ~70 ms on two).
+    pub fn of_parallel(data: &[u8], threads: usize) -> Self {
+        use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt};
+        const PIECE: u64 = 8 << 20;
+        let len = data.len() as u64;
+        if threads <= 1 || len <= PIECE {
+            return Digest::of(data);
+        }
+        // Subtrees of at most PIECE bytes, left to right.
+        fn pieces(off: u64, len: u64, out: &mut Vec<(u64, u64)>) {
+            if len <= PIECE {
+                out.push((off, len));
+            } else {
+                let l = left_subtree_len(len);
+                pieces(off, l, out);
+                pieces(off + l, len - l, out);
+            }
+        }
+        fn merge(
+            len: u64,
+            cvs: &mut std::slice::Iter<'_, blake3::hazmat::ChainingValue>,
+        ) -> blake3::hazmat::ChainingValue {
+            if len <= PIECE {
+                return *cvs.next().expect("one chaining value per piece");
+            }
+            let l = left_subtree_len(len);
+            let left = merge(l, cvs);
+            let right = merge(len - l, cvs);
+            blake3::hazmat::merge_subtrees_non_root(&left, &right, blake3::hazmat::Mode::Hash)
+        }
+        let left_len = left_subtree_len(len);
+        let mut parts = Vec::new();
+        pieces(0, left_len, &mut parts);
+        pieces(left_len, len - left_len, &mut parts);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut cvs = vec![[0u8; 32]; parts.len()];
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.min(parts.len()))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&(off, n)) = parts.get(i) else { break };
+                            let cv = blake3::Hasher::new()
+                                .set_input_offset(off)
+                                .update(&data[off as usize..(off + n) as usize])
+                                .finalize_non_root();
+                            done.push((i, cv));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            for w in workers {
+                // A worker only hashes; it cannot panic short of a bug in blake3.
+                for (i, cv) in w.join().expect("hash worker") {
+                    cvs[i] = cv;
+                }
+            }
+        });
+        let mut it = cvs.iter();
+        let left = merge(left_len, &mut it);
+        let right = merge(len - left_len, &mut it);
+        Digest(*merge_subtrees_root(&left, &right, blake3::hazmat::Mode::Hash).as_bytes())
     }
 
     /// Parses 32 raw bytes, as carried on the wire.
@@ -159,6 +232,31 @@ mod tests {
         assert_eq!(h.finish(), Digest::of(b"hello world"));
         assert_ne!(Digest::of(b"a"), Digest::of(b"b"));
         assert!(Digest::from_slice(&[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn parallel_digest_matches_one_shot() {
+        // Lengths around the 8 MiB piece size and the tree's power-of-two splits.
+        let mut data = vec![0u8; (40 << 20) + 5000];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+        }
+        for len in [
+            0,
+            1,
+            1024,
+            (8 << 20) - 1,
+            8 << 20,
+            (8 << 20) + 1,
+            (16 << 20) + 4096,
+            (32 << 20) + 1,
+            data.len(),
+        ] {
+            let d = &data[..len];
+            for threads in [1, 2, 3] {
+                assert_eq!(Digest::of_parallel(d, threads), Digest::of(d), "len {len}");
+            }
+        }
     }
 
     #[test]
