@@ -208,12 +208,14 @@ impl Node {
         let objects = crate::sync::decode_objects(&r.objects)?;
         let ids = crate::sync::chunk_ids(&objects);
         let store = self.store.clone();
+        // Leased in memory before the lookup; the file is written during the fetch.
         store
-            .lease_add(&r.migration_id, crate::sync::LEASE_TTL, &ids)
+            .lease_add_in_memory(&r.migration_id, crate::sync::LEASE_TTL, &ids)
             .map_err(|source| AgentError::Store {
                 what: "lease chunks".into(),
                 source,
             })?;
+        let persist = crate::sync::write_lease(&store, &r.migration_id);
         let missing = store.missing(&ids);
         debug!(
             ids = ids.len(),
@@ -256,6 +258,7 @@ impl Node {
         .await
         .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
         let rebuild_micros = t.elapsed().as_micros() as u64;
+        persist.done().await?;
         if r.r#final {
             // Files of earlier rounds that the final dump does not have must not be
             // restored.

@@ -57,7 +57,8 @@ fn store_err(what: &str) -> impl FnOnce(xfer_store::StoreError) -> AgentError + 
 }
 
 /// Chunks `files` into `store` (blocking; call from a blocking thread) and leases
-/// every chunk they reference under `lease`. Returns their manifests.
+/// every chunk they reference under `lease`, in memory: persist the lease
+/// ([`Store::persist_lease`]) before the round ends. Returns their manifests.
 pub fn publish(
     store: &Store,
     lease: &str,
@@ -101,10 +102,10 @@ pub fn publish(
         });
     }
     let t = std::time::Instant::now();
-    ids.sort_unstable();
-    ids.dedup();
+    // In memory only: the caller persists it (`Store::persist_lease`) while the
+    // destination fetches.
     store
-        .lease_add(lease, LEASE_TTL, &ids)
+        .lease_add_in_memory(lease, LEASE_TTL, &ids)
         .map_err(store_err("lease chunks"))?;
     debug!(
         ids = ids.len(),
@@ -219,15 +220,39 @@ pub fn rebuild(
     Ok(out)
 }
 
-/// The distinct chunk ids the objects reference (zero pages excluded).
+/// The distinct chunk ids the objects reference (zero pages excluded), in order of
+/// first use.
 pub fn chunk_ids(objects: &[Incoming]) -> Vec<Digest> {
-    let mut ids: Vec<Digest> = objects
+    let mut seen = std::collections::HashSet::new();
+    objects
         .iter()
         .flat_map(|o| o.manifest.chunk_ids())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// A lease file being written on a blocking thread ([`write_lease`]).
+#[derive(Debug)]
+pub struct LeaseWrite(tokio::task::JoinHandle<Result<(), xfer_store::StoreError>>);
+
+/// Starts writing lease `name`, already recorded in memory
+/// ([`Store::lease_add_in_memory`]), while the round's other work goes on; await
+/// [`LeaseWrite::done`] before the round ends.
+pub fn write_lease(store: &Arc<Store>, name: &str) -> LeaseWrite {
+    let (store, name) = (store.clone(), name.to_string());
+    LeaseWrite(tokio::task::spawn_blocking(move || {
+        store.persist_lease(&name)
+    }))
+}
+
+impl LeaseWrite {
+    /// Waits for the write.
+    pub async fn done(self) -> Result<(), AgentError> {
+        self.0
+            .await
+            .map_err(|e| AgentError::Refused(format!("lease task: {e}")))?
+            .map_err(store_err("persist the lease"))
+    }
 }
 
 /// Opens the store of a node.

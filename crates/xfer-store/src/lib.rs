@@ -67,6 +67,12 @@ pub use manifest::{ChunkRef, ChunkSource, Manifest, ObjectKind};
 pub use pipeline::{ChunkSet, CompressedChunk, FnSet, Pipeline, PipelineOutput};
 pub use store::{Batch, GcPolicy, GcReport, LeaseInfo, Stats, Store};
 
+/// Maps and sets keyed by chunk ids: foldhash (seeded per process) instead of
+/// SipHash, which costs ~4x as much per 32-byte id on the store's hot paths
+/// (index lookups, lease reference counts: ~100 k ids per pre-copy round).
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// Largest decoded size of one frame (8 MiB); frames are written at most this big.
 pub const MAX_FRAME: usize = 8 << 20;
 
@@ -90,42 +96,16 @@ impl Digest {
 
     /// Digest of `data` computed on `threads` threads: the same value as
     /// [`Digest::of`]. BLAKE3 is a tree, so the input is cut into subtrees of at most
-    /// 8 MiB along the tree's own boundaries, the threads hash those to chaining
-    /// values, and the values are merged up to the root. Worth it above a few MiB
-    /// (a 400 MB page image: ~120 ms on one thread here, ~70 ms on two).
+    /// 8 MiB along the tree's own boundaries ([`subtree_pieces`]), the threads hash
+    /// those to chaining values, and [`root_of_pieces`] merges them. Worth it above a
+    /// few MiB (a 400 MB page image: ~120 ms on one thread here, ~60 ms on two).
     pub fn of_parallel(data: &[u8], threads: usize) -> Self {
-        use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt};
         const PIECE: u64 = 8 << 20;
         let len = data.len() as u64;
         if threads <= 1 || len <= PIECE {
             return Digest::of(data);
         }
-        // Subtrees of at most PIECE bytes, left to right.
-        fn pieces(off: u64, len: u64, out: &mut Vec<(u64, u64)>) {
-            if len <= PIECE {
-                out.push((off, len));
-            } else {
-                let l = left_subtree_len(len);
-                pieces(off, l, out);
-                pieces(off + l, len - l, out);
-            }
-        }
-        fn merge(
-            len: u64,
-            cvs: &mut std::slice::Iter<'_, blake3::hazmat::ChainingValue>,
-        ) -> blake3::hazmat::ChainingValue {
-            if len <= PIECE {
-                return *cvs.next().expect("one chaining value per piece");
-            }
-            let l = left_subtree_len(len);
-            let left = merge(l, cvs);
-            let right = merge(len - l, cvs);
-            blake3::hazmat::merge_subtrees_non_root(&left, &right, blake3::hazmat::Mode::Hash)
-        }
-        let left_len = left_subtree_len(len);
-        let mut parts = Vec::new();
-        pieces(0, left_len, &mut parts);
-        pieces(left_len, len - left_len, &mut parts);
+        let parts = subtree_pieces(len, PIECE);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let mut cvs = vec![[0u8; 32]; parts.len()];
         std::thread::scope(|s| {
@@ -136,11 +116,8 @@ impl Digest {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(&(off, n)) = parts.get(i) else { break };
-                            let cv = blake3::Hasher::new()
-                                .set_input_offset(off)
-                                .update(&data[off as usize..(off + n) as usize])
-                                .finalize_non_root();
-                            done.push((i, cv));
+                            let piece = &data[off as usize..(off + n) as usize];
+                            done.push((i, subtree_cv(piece, off)));
                         }
                         done
                     })
@@ -153,10 +130,7 @@ impl Digest {
                 }
             }
         });
-        let mut it = cvs.iter();
-        let left = merge(left_len, &mut it);
-        let right = merge(len - left_len, &mut it);
-        Digest(*merge_subtrees_root(&left, &right, blake3::hazmat::Mode::Hash).as_bytes())
+        root_of_pieces(len, PIECE, &cvs)
     }
 
     /// Parses 32 raw bytes, as carried on the wire.
@@ -199,6 +173,60 @@ impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "blake3:{}", self.to_hex())
     }
+}
+
+/// A BLAKE3 chaining value: the non-root hash of a subtree of an object.
+pub type ChainingValue = [u8; 32];
+
+/// How an object of `len` bytes (more than `piece`, a power of two of at least
+/// 1 KiB) splits into BLAKE3 subtrees of at most `piece` bytes, as (offset, length),
+/// left to right: every piece but the last is `piece` bytes long at a multiple of
+/// `piece` (so batches of a power-of-two size are exactly these pieces).
+pub fn subtree_pieces(len: u64, piece: u64) -> Vec<(u64, u64)> {
+    fn walk(off: u64, len: u64, piece: u64, out: &mut Vec<(u64, u64)>) {
+        if len <= piece {
+            out.push((off, len));
+        } else {
+            let l = blake3::hazmat::left_subtree_len(len);
+            walk(off, l, piece, out);
+            walk(off + l, len - l, piece, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(0, len, piece, &mut out);
+    out
+}
+
+/// The chaining value of one piece of [`subtree_pieces`] starting at `offset`.
+pub fn subtree_cv(data: &[u8], offset: u64) -> ChainingValue {
+    use blake3::hazmat::HasherExt;
+    blake3::Hasher::new()
+        .set_input_offset(offset)
+        .update(data)
+        .finalize_non_root()
+}
+
+/// The digest of an object of `len` bytes (more than `piece`) from the chaining
+/// values of its [`subtree_pieces`], in order.
+///
+/// # Panics
+/// If `cvs` has fewer values than the object has pieces.
+pub fn root_of_pieces(len: u64, piece: u64, cvs: &[ChainingValue]) -> Digest {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    fn merge(len: u64, piece: u64, cvs: &mut std::slice::Iter<'_, ChainingValue>) -> ChainingValue {
+        if len <= piece {
+            return *cvs.next().expect("one chaining value per piece");
+        }
+        let l = left_subtree_len(len);
+        let left = merge(l, piece, cvs);
+        let right = merge(len - l, piece, cvs);
+        merge_subtrees_non_root(&left, &right, Mode::Hash)
+    }
+    let mut it = cvs.iter();
+    let l = left_subtree_len(len);
+    let left = merge(l, piece, &mut it);
+    let right = merge(len - l, piece, &mut it);
+    Digest(*merge_subtrees_root(&left, &right, Mode::Hash).as_bytes())
 }
 
 /// An incremental BLAKE3 hasher over a whole object.
