@@ -47,7 +47,11 @@
 //! A lease names a set of chunk ids (present or not yet) and an expiry; while it is
 //! live, [`Store::gc`] never removes those chunks. Leases are files, written
 //! atomically, reloaded at open. A receiver leases a manifest's ids *before* asking
-//! [`Store::has_many`] and fetching, so nothing it relies on can be collected.
+//! [`Store::has_many`] and fetching, so nothing it relies on can be collected. A lease
+//! of a pre-copy migration names ~100 k ids (a 3 MB file): [`Store::lease_add_in_memory`]
+//! protects the ids at once and [`Store::persist_lease`] writes the file afterwards,
+//! so the write can run beside the fetch (writes of one lease are serialised and
+//! always write its current state; a released lease is not written back).
 //!
 //! [`Store::gc`] first drops expired leases and (with
 //! [`GcPolicy::collect_expired`]) removes the chunks they alone protected; then, while
@@ -67,7 +71,10 @@
 //!   chunk files per second; CPU-bound on file creation and rename in the kernel),
 //!   64 KiB-class CDC chunks at ~150-200 MB/s. Several threads may each fill a batch.
 //! - [`Store::open`] rebuilds the index at ~3 µs per chunk (53 k chunks: 169 ms).
-//! - [`Store::has_many`]: 40-90 ns per id.
+//! - [`Store::has_many`]: 40-90 ns per id with SipHash; the index and the lease
+//!   reference counts are keyed with foldhash now (a lookup of 99 k ids: ~2 ms).
+//! - [`Store::lease_add_in_memory`] of 99 k ids to a lease that holds 98 k: ~2 ms;
+//!   [`Store::persist_lease`] of it: ~3 ms on tmpfs.
 //!
 //! # Lease file format (version 1)
 //!
