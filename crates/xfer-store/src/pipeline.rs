@@ -26,7 +26,8 @@
 //!
 //! | input | pipeline, 2 workers, nothing held | pipeline, everything held (a round with no change) | `zstd -1 -T2` CLI | `b3sum --num-threads 2` |
 //! | --- | --- | --- | --- | --- |
-//! | redis dump, 400.4 MB | 310 MB/s wall; 471 /CPU-s | 1,053; 1,335 /CPU-s | 886; 890 /CPU-s | 2,589; 3,080 /CPU-s |
+//! | redis dump, 400.4 MB | 805 MB/s wall; 445 /CPU-s | 2,309; 1,335 /CPU-s | 1,046; 817 /CPU-s | 4,262; 2,860 /CPU-s |
+//! | same, before (reading thread hashed the object) | 443; 435 /CPU-s | 1,255; 1,251 /CPU-s | 915; 852 /CPU-s | 5,299; 2,860 /CPU-s |
 //!
 //! On these pages one thread compresses 4 KiB pages at ~960 MB/s (level 1; level -1:
 //! ~1,210 MB/s for ratio 17.9, level -5 ~1,210 for 9.9) and hashes them at ~2,080 MB/s;
