@@ -462,6 +462,9 @@ async fn publish_and_sync<D: Destination>(
     }
     drop(vols);
     let chunk_time = t.elapsed();
+    // The lease file is written while the destination fetches (the lease already
+    // protects the chunks in memory).
+    let persist = crate::sync::write_lease(chunks.store, mid);
     let reply = dst
         .sync(SyncRequest {
             migration_id: mid.to_string(),
@@ -470,8 +473,9 @@ async fn publish_and_sync<D: Destination>(
             objects: manifests,
             chunk_endpoint: chunks.endpoint.to_string(),
         })
-        .await?;
-    Ok((chunk_time, published, reply))
+        .await;
+    persist.done().await?;
+    Ok((chunk_time, published, reply?))
 }
 
 #[allow(clippy::too_many_arguments)]

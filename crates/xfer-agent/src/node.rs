@@ -12,7 +12,7 @@ use futures::Stream;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 use xfer_proto::v1::agent_server::Agent;
 use xfer_proto::v1::*;
 use xfer_runtime::containerd::{rewrite_spec_for_host, Containerd, HostConfig, Runtime};
@@ -284,16 +284,25 @@ impl Node {
                 inb.present_volumes.extend(present);
             }
         }
+        let t = Instant::now();
         let objects = crate::sync::decode_objects(&r.objects)?;
         let ids = crate::sync::chunk_ids(&objects);
         let store = self.store.clone();
+        // Leased in memory before the lookup; the file is written during the fetch.
         store
-            .lease_add(&r.migration_id, crate::sync::LEASE_TTL, &ids)
+            .lease_add_in_memory(&r.migration_id, crate::sync::LEASE_TTL, &ids)
             .map_err(|source| AgentError::Store {
                 what: "lease chunks".into(),
                 source,
             })?;
+        let persist = crate::sync::write_lease(&store, &r.migration_id);
         let missing = store.missing(&ids);
+        debug!(
+            ids = ids.len(),
+            missing = missing.len(),
+            ms = t.elapsed().as_secs_f64() * 1000.0,
+            "decoded, leased, looked up"
+        );
         let t = Instant::now();
         let report = if missing.is_empty() {
             crate::chunks::FetchReport::default()
@@ -329,6 +338,7 @@ impl Node {
         .await
         .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
         let rebuild_micros = t.elapsed().as_micros() as u64;
+        persist.done().await?;
         if r.r#final {
             // Files of earlier rounds that the final dump does not have must not be
             // restored.

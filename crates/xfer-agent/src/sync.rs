@@ -20,6 +20,8 @@ use xfer_store::manifest::{Manifest, ObjectKind};
 use xfer_store::pipeline::Pipeline;
 use xfer_store::{Digest, Store};
 
+use tracing::{debug, warn};
+
 use crate::error::AgentError;
 use crate::transfer::OutFile;
 
@@ -55,7 +57,8 @@ fn store_err(what: &str) -> impl FnOnce(xfer_store::StoreError) -> AgentError + 
 }
 
 /// Chunks `files` into `store` (blocking; call from a blocking thread) and leases
-/// every chunk they reference under `lease`. Returns their manifests.
+/// every chunk they reference under `lease`, in memory: persist the lease
+/// ([`Store::persist_lease`]) before the round ends. Returns their manifests.
 pub fn publish(
     store: &Store,
     lease: &str,
@@ -70,13 +73,23 @@ pub fn publish(
         let mode = std::fs::metadata(&f.path)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
             .unwrap_or(0o600);
+        let t = std::time::Instant::now();
         let mut batch = store.batch();
         let res = pipeline.run_file(&f.path, kind, store, |c| {
             batch.put_compressed(c.id, &c.frame, c.raw_len)?;
             Ok::<_, xfer_store::StoreError>(())
         });
         let res = res.map_err(store_err("chunk a file"))?;
+        let chunked = t.elapsed();
         batch.commit().map_err(store_err("commit chunks"))?;
+        debug!(
+            file = %f.name,
+            bytes = res.manifest.length(),
+            new_chunks = res.new_chunks,
+            chunk_ms = chunked.as_secs_f64() * 1000.0,
+            commit_ms = (t.elapsed() - chunked).as_secs_f64() * 1000.0,
+            "published"
+        );
         stats.raw_bytes += res.manifest.length();
         stats.new_chunks += res.new_chunks;
         stats.new_frame_bytes += res.new_frame_bytes;
@@ -88,11 +101,17 @@ pub fn publish(
             mode,
         });
     }
-    ids.sort_unstable();
-    ids.dedup();
+    let t = std::time::Instant::now();
+    // In memory only: the caller persists it (`Store::persist_lease`) while the
+    // destination fetches.
     store
-        .lease_add(lease, LEASE_TTL, &ids)
+        .lease_add_in_memory(lease, LEASE_TTL, &ids)
         .map_err(store_err("lease chunks"))?;
+    debug!(
+        ids = ids.len(),
+        ms = t.elapsed().as_secs_f64() * 1000.0,
+        "leased"
+    );
     Ok((out, stats))
 }
 
@@ -133,52 +152,6 @@ pub fn decode_objects(objects: &[ObjectManifest]) -> Result<Vec<Incoming>, Agent
 /// the next round patches them instead of writing them again.
 pub type Rebuilt = std::collections::HashMap<String, Manifest>;
 
-/// Patches `path`, which holds the object `prev` describes, into the object `new`
-/// describes, writing only the chunks that differ; then checks the whole-object
-/// digest. Returns false (and leaves the file to be rebuilt) when the two manifests do
-/// not share a chunk layout or the result does not verify.
-fn patch(store: &Store, prev: &Manifest, new: &Manifest, path: &Path) -> Result<bool, AgentError> {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let (a, b) = (prev.chunks(), new.chunks());
-    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.len() != y.len()) {
-        return Ok(false);
-    }
-    let io = |source| AgentError::WriteFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io)?;
-    let mut off = 0u64;
-    for (x, y) in a.iter().zip(b) {
-        if x.is_zero() != y.is_zero() || (!y.is_zero() && x.id() != y.id()) {
-            let data = if y.is_zero() {
-                vec![0u8; y.len()]
-            } else {
-                store.get(&y.id()).map_err(store_err("read a chunk"))?
-            };
-            f.seek(SeekFrom::Start(off)).map_err(io)?;
-            f.write_all(&data).map_err(io)?;
-        }
-        off += y.len() as u64;
-    }
-    f.set_len(off).map_err(io)?;
-    f.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut h = xfer_store::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finish() == new.digest())
-}
-
 /// Rebuilds every object into `dir` (CRIU images under `criu/`, the diff as
 /// `rootfs.tar`), verifying each whole-object digest. A file rebuilt in an earlier
 /// round (`rebuilt`) is patched: only its changed chunks are written, which keeps the
@@ -198,16 +171,42 @@ pub fn rebuild(
                 source,
             })?;
         }
+        let t = std::time::Instant::now();
         let patched = match rebuilt.get(&o.name) {
-            Some(prev) if path.exists() => patch(store, prev, &o.manifest, &path)?,
+            Some(prev) if path.exists() => {
+                match xfer_store::patch::patch_file(prev, &o.manifest, &path, store, 2) {
+                    Ok(st) => {
+                        debug!(
+                            file = %o.name,
+                            ms = t.elapsed().as_secs_f64() * 1000.0,
+                            kept = st.kept_chunks,
+                            moved = st.moved_chunks,
+                            fetched = st.fetched_chunks,
+                            zero = st.zero_chunks,
+                            fetch_ms = st.fetch_micros as f64 / 1000.0,
+                            write_ms = st.write_micros as f64 / 1000.0,
+                            verify_ms = st.verify_micros as f64 / 1000.0,
+                            "patched"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        warn!(file = %o.name, error = %e, "patch failed; rebuilding the whole file");
+                        false
+                    }
+                }
+            }
             _ => false,
         };
         let n = if patched {
             o.manifest.length()
         } else {
-            o.manifest
+            let n = o
+                .manifest
                 .rebuild_file(store, &path)
-                .map_err(store_err("rebuild a file"))?
+                .map_err(store_err("rebuild a file"))?;
+            debug!(file = %o.name, ms = t.elapsed().as_secs_f64() * 1000.0, bytes = n, "rebuilt");
+            n
         };
         rebuilt.insert(o.name.clone(), o.manifest.clone());
         if o.mode != 0 {
@@ -221,15 +220,39 @@ pub fn rebuild(
     Ok(out)
 }
 
-/// The distinct chunk ids the objects reference (zero pages excluded).
+/// The distinct chunk ids the objects reference (zero pages excluded), in order of
+/// first use.
 pub fn chunk_ids(objects: &[Incoming]) -> Vec<Digest> {
-    let mut ids: Vec<Digest> = objects
+    let mut seen = std::collections::HashSet::new();
+    objects
         .iter()
         .flat_map(|o| o.manifest.chunk_ids())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// A lease file being written on a blocking thread ([`write_lease`]).
+#[derive(Debug)]
+pub struct LeaseWrite(tokio::task::JoinHandle<Result<(), xfer_store::StoreError>>);
+
+/// Starts writing lease `name`, already recorded in memory
+/// ([`Store::lease_add_in_memory`]), while the round's other work goes on; await
+/// [`LeaseWrite::done`] before the round ends.
+pub fn write_lease(store: &Arc<Store>, name: &str) -> LeaseWrite {
+    let (store, name) = (store.clone(), name.to_string());
+    LeaseWrite(tokio::task::spawn_blocking(move || {
+        store.persist_lease(&name)
+    }))
+}
+
+impl LeaseWrite {
+    /// Waits for the write.
+    pub async fn done(self) -> Result<(), AgentError> {
+        self.0
+            .await
+            .map_err(|e| AgentError::Refused(format!("lease task: {e}")))?
+            .map_err(store_err("persist the lease"))
+    }
 }
 
 /// Opens the store of a node.

@@ -122,4 +122,29 @@ mod chunks {
             .expect_err("garbage");
         assert!(e.is_corrupt(), "{e}");
     }
+
+    #[test]
+    fn a_batch_keeps_its_good_chunks_and_refuses_its_corrupt_ones() {
+        let t = tempfile::tempdir().expect("tmp");
+        let store = Store::open(t.path()).expect("store");
+        let blobs: Vec<Vec<u8>> = (200..204).map(|i| data(i, 4096)).collect();
+        let frames: Vec<Vec<u8>> = blobs
+            .iter()
+            .map(|b| xfer_store::frame::encode(b).expect("encode"))
+            .collect();
+        let ids: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+        // The third chunk carries the second's frame: it must not be kept.
+        let items = vec![
+            (ids[0], &frames[0][..], 4096),
+            (ids[1], &frames[1][..], 4096),
+            (ids[2], &frames[1][..], 4096),
+            (ids[3], &frames[3][..], 4096),
+        ];
+        let r = ChunkStore::put_verified_many(&store, &items);
+        assert_eq!(r.len(), 4);
+        assert!(r[0].is_ok() && r[1].is_ok() && r[3].is_ok(), "{r:?}");
+        assert!(r[2].as_ref().is_err_and(|e| e.is_corrupt()), "{r:?}");
+        assert_eq!(store.has_many(&ids), vec![true, true, false, true]);
+        assert_eq!(store.get(&ids[3]).expect("verified"), blobs[3]);
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! One coordinator (the `fetch` future) owns all scheduling state; each in-flight
 //! request is a task that reads its peer's batch stream, verifies and stores the
-//! chunks on a blocking thread (`ChunkStore::put_verified`), and reports what it
+//! chunks on a blocking thread (`ChunkStore::put_verified_many`), and reports what it
 //! stored, what was a duplicate, corrupt or missing. Dropping the `fetch` future
 //! aborts every request task, which drops the peers' streams (and cancels their work).
 //!
@@ -1293,16 +1293,24 @@ fn verify_store<S: ChunkStore>(
     chunks: Vec<(u32, WireChunk)>,
 ) -> (Verified, Option<ChunkError>) {
     let (mut stored, mut dups, mut corrupt) = (Vec::new(), Vec::new(), Vec::new());
+    let mut todo = Vec::with_capacity(chunks.len());
     for (i, c) in chunks {
-        let wire_len = c.frame.len() as u32;
-        let done = &shared.done[i as usize];
-        if done.load(Ordering::Acquire) {
-            dups.push((i, wire_len));
-            continue;
+        if shared.done[i as usize].load(Ordering::Acquire) {
+            dups.push((i, c.frame.len() as u32));
+        } else {
+            todo.push((i, c));
         }
-        match shared.store.put_verified(&c.id, &c.frame, c.raw_len) {
+    }
+    let items: Vec<(Digest, &[u8], u32)> = todo
+        .iter()
+        .map(|(_, c)| (c.id, &c.frame[..], c.raw_len))
+        .collect();
+    let results = shared.store.put_verified_many(&items);
+    for ((i, c), r) in todo.iter().zip(results) {
+        let (i, wire_len) = (*i, c.frame.len() as u32);
+        match r {
             Ok(()) => {
-                if done.swap(true, Ordering::AcqRel) {
+                if shared.done[i as usize].swap(true, Ordering::AcqRel) {
                     dups.push((i, wire_len));
                 } else {
                     stored.push((i, wire_len, c.raw_len));

@@ -21,6 +21,15 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Verification failures are [`ChunkError::is_corrupt`]; anything else (I/O) is
     /// [`ChunkError::PutChunk`].
     fn put_verified(&self, id: &Digest, frame: &[u8], raw_len: u32) -> Result<(), ChunkError>;
+
+    /// [`ChunkStore::put_verified`] for a batch of chunks (id, frame, decoded size),
+    /// which a store may make durable together; one result per chunk, in order.
+    fn put_verified_many(&self, chunks: &[(Digest, &[u8], u32)]) -> Vec<Result<(), ChunkError>> {
+        chunks
+            .iter()
+            .map(|(id, frame, raw_len)| self.put_verified(id, frame, *raw_len))
+            .collect()
+    }
 }
 
 /// Decodes `frame` (exactly `raw_len` bytes, at most `MAX_FRAME`) and checks that the

@@ -546,3 +546,39 @@ fn gc_concurrent_with_writers_never_indexes_a_missing_file() {
     let files = files_under(&dir.path().join("chunks")).len() as u64;
     assert_eq!(files, s.stats().chunks);
 }
+
+#[test]
+fn a_lease_in_memory_protects_at_once_and_is_durable_once_persisted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = {
+        let s = Store::open(dir.path()).expect("open");
+        let a = s.put(&chunk(40, 3000)).expect("put");
+        let b = s.put(&chunk(41, 3000)).expect("put");
+        let c = s.put(&chunk(42, 3000)).expect("put");
+        s.lease("m", Duration::from_secs(3600), &[a])
+            .expect("lease");
+        // Before the file is written, GC already keeps b.
+        s.lease_add_in_memory("m", Duration::from_secs(3600), &[b])
+            .expect("in memory");
+        let r = s
+            .gc(&GcPolicy {
+                max_bytes: Some(0),
+                ..no_gc_age()
+            })
+            .expect("gc");
+        assert_eq!(r.removed, vec![c]);
+        assert!(s.has(&a) && s.has(&b));
+        s.persist_lease("m").expect("persist");
+        // A lease released before its pending addition is persisted stays released.
+        s.lease_add_in_memory("gone", Duration::from_secs(3600), &[a])
+            .expect("in memory");
+        assert!(s.release("gone").expect("release"));
+        s.persist_lease("gone").expect("persist");
+        (a, b, c)
+    };
+    let s = Store::open(dir.path()).expect("reopen");
+    let leases = s.leases();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!((leases[0].name.as_str(), leases[0].chunks), ("m", 2));
+    assert!(s.has(&a) && s.has(&b) && !s.has(&c));
+}
