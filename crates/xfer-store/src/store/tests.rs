@@ -430,7 +430,8 @@ fn batches_commit_together_and_clean_up_when_dropped() {
 }
 
 #[test]
-fn has_many_is_fast_for_thousands_of_ids() {
+fn has_many_answers_thousands_of_ids_in_one_call() {
+    // Correctness only: speed is the pipeline benchmark's business, not a timed test.
     let (_d, s) = open();
     let mut b = s.batch();
     let ids: Vec<Digest> = (0..5000)
@@ -439,14 +440,10 @@ fn has_many_is_fast_for_thousands_of_ids() {
     b.commit().expect("commit");
     let mut query = ids.clone();
     query.extend((0..5000u32).map(|i| Digest::of(&i.to_le_bytes())));
-    let t = std::time::Instant::now();
     let r = s.has_many(&query);
-    let took = t.elapsed();
-    assert_eq!(r.iter().filter(|h| **h).count(), 5000);
-    assert!(
-        took < Duration::from_millis(50),
-        "has_many of 10k took {took:?}"
-    );
+    assert_eq!(r.len(), query.len());
+    assert!(r[..5000].iter().all(|h| *h), "every stored id is there");
+    assert!(r[5000..].iter().all(|h| !*h), "no unknown id is");
 }
 
 #[test]
