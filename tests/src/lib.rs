@@ -53,6 +53,34 @@ pub fn loadgen_path() -> PathBuf {
     p
 }
 
+/// Checks from the client namespace that every write acknowledged in a load
+/// generator `report` (keys `KEY_PREFIX:N`, counter `KEY_PREFIXctr`) is in the redis at
+/// `ip`, then removes the report.
+pub fn verify_writes(lab: &xfer_lab::Lab, ip: &str, report: &std::path::Path, key_prefix: &str) {
+    let out = lab
+        .exec(
+            "client",
+            &[
+                loadgen_path().display().to_string(),
+                "verify".into(),
+                "--addr".into(),
+                format!("{ip}:6379"),
+                "--report".into(),
+                report.display().to_string(),
+                "--key-prefix".into(),
+                key_prefix.into(),
+            ],
+        )
+        .expect("run the verifier");
+    assert!(
+        out.status.success(),
+        "lost writes: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(report);
+}
+
 /// `prefix` with `XFER_TEST_LAB_TAG` appended (see [`TestLab::up`]).
 pub fn lab_prefix(prefix: &str) -> String {
     format!(

@@ -93,27 +93,7 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
     assert!(task_pid(&mut h1, "redis").await.is_none());
     assert!(task_pid(&mut h2, "redis").await.is_some());
     // Not one acknowledged write lost.
-    let verify = lab
-        .lab
-        .exec(
-            "client",
-            &[
-                loadgen_path().display().to_string(),
-                "verify".into(),
-                "--addr".into(),
-                format!("{ip}:6379"),
-                "--report".into(),
-                report.display().to_string(),
-            ],
-        )
-        .expect("verify");
-    assert!(
-        verify.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let _ = std::fs::remove_file(&report);
+    xfer_tests::verify_writes(&lab.lab, &ip, &report, "k");
     // The source's container namespace is gone; the destination's exists.
     let names = xfer_net::list_netns().expect("netns");
     assert!(!names.iter().any(|n| n == "tcc-h1-c-redis"), "{names:?}");

@@ -103,29 +103,7 @@ fn spawn_load(
 }
 
 fn verify(lab: &TestLab, ip: Ipv4Addr, report: &Path, key_prefix: &str) {
-    let out = lab
-        .lab
-        .exec(
-            "client",
-            &[
-                loadgen_path().display().to_string(),
-                "verify".into(),
-                "--addr".into(),
-                format!("{ip}:6379"),
-                "--report".into(),
-                report.display().to_string(),
-                "--key-prefix".into(),
-                key_prefix.into(),
-            ],
-        )
-        .expect("verify");
-    assert!(
-        out.status.success(),
-        "lost writes: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_file(report);
+    xfer_tests::verify_writes(&lab.lab, &ip.to_string(), report, key_prefix);
 }
 
 async fn migrate(lab: &TestLab, id: &str, from: &str, to: &str) -> u64 {

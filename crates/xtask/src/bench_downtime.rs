@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use crate::setup::{self, SetupArgs};
-use crate::util::{capture, cargo, run, Timeline};
+use crate::setup::SetupArgs;
+use crate::util::{capture, Timeline};
 
 pub use report::{Facts, Results};
 
@@ -194,15 +194,6 @@ fn has(args: &DowntimeArgs, method: &str) -> bool {
     args.methods.iter().any(|m| m.trim() == method)
 }
 
-fn target_dir() -> Result<PathBuf> {
-    let meta = capture(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
-    let v: serde_json::Value = serde_json::from_str(&meta).context("parse cargo metadata")?;
-    v["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .context("cargo metadata has no target_directory")
-}
-
 fn bench(args: &DowntimeArgs, tl: &mut Timeline) -> Result<()> {
     for m in &args.methods {
         if !["precopy", "cold", "podman", "floor"].contains(&m.trim()) {
@@ -220,20 +211,7 @@ fn bench(args: &DowntimeArgs, tl: &mut Timeline) -> Result<()> {
     if !crate::util::find_on_path("nsenter").is_some_and(|p| p.exists()) {
         bail!("nsenter (util-linux) is needed");
     }
-    if args.no_setup {
-        tl.skip("setup", "--no-setup");
-    } else {
-        tl.step("setup", || setup::setup(&args.setup))?;
-    }
-    tl.step(&format!("build ({} profile)", args.profile), || {
-        let mut c = cargo();
-        c.args(["build", "--workspace", "--bins"]);
-        if args.profile == "release" {
-            c.arg("--release");
-        }
-        run(&mut c)
-    })?;
-    let bin_dir = target_dir()?.join(&args.profile);
+    let bin_dir = crate::util::setup_and_build(tl, &args.setup, args.no_setup, &args.profile)?;
     let xfer_bin = bin_dir.join("xfer");
     let loadgen = bin_dir.join("xfer-loadgen");
     for b in [&xfer_bin, &loadgen] {

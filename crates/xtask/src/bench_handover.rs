@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use crate::setup::{self, SetupArgs};
-use crate::util::{capture, cargo, run, Timeline};
+use crate::setup::SetupArgs;
+use crate::util::{capture, Timeline};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -349,23 +349,7 @@ fn bench(args: &HandoverArgs, tl: &mut Timeline) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    if args.no_setup {
-        tl.skip("setup", "--no-setup");
-    } else {
-        tl.step("setup", || setup::setup(&args.setup))?;
-    }
-    tl.step(&format!("build ({} profile)", args.profile), || {
-        let mut c = cargo();
-        c.args(["build", "--workspace", "--bins"]);
-        if args.profile == "release" {
-            c.arg("--release");
-        }
-        run(&mut c)
-    })?;
-    let meta = capture(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
-    let v: serde_json::Value = serde_json::from_str(&meta)?;
-    let bin_dir =
-        PathBuf::from(v["target_directory"].as_str().context("target dir")?).join(&args.profile);
+    let bin_dir = crate::util::setup_and_build(tl, &args.setup, args.no_setup, &args.profile)?;
     let b = Bins {
         xfer: bin_dir.join("xfer"),
         loadgen: bin_dir.join("xfer-loadgen"),

@@ -254,6 +254,35 @@ impl Timeline {
     }
 }
 
+/// The set-up (unless `no_setup`) and build steps every benchmark starts with: builds
+/// the workspace's binaries in `profile` (release or debug) and returns their directory.
+pub fn setup_and_build(
+    tl: &mut Timeline,
+    setup: &crate::setup::SetupArgs,
+    no_setup: bool,
+    profile: &str,
+) -> Result<PathBuf> {
+    if no_setup {
+        tl.skip("setup", "--no-setup");
+    } else {
+        tl.step("setup", || crate::setup::setup(setup))?;
+    }
+    tl.step(&format!("build ({profile} profile)"), || {
+        let mut c = cargo();
+        c.args(["build", "--workspace", "--bins"]);
+        if profile == "release" {
+            c.arg("--release");
+        }
+        run(&mut c)
+    })?;
+    let meta = capture(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let v: serde_json::Value = serde_json::from_str(&meta).context("parse cargo metadata")?;
+    let target = v["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    Ok(PathBuf::from(target).join(profile))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
