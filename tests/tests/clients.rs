@@ -96,6 +96,7 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
     xfer_tests::verify_writes(&lab.lab, &ip, &report, "k");
     // The source's container namespace is gone; the destination's exists.
     let names = xfer_net::list_netns().expect("netns");
-    assert!(!names.iter().any(|n| n == "tcc-h1-c-redis"), "{names:?}");
-    assert!(names.iter().any(|n| n == "tcc-h2-c-redis"), "{names:?}");
+    let p = xfer_tests::lab_prefix("tcc");
+    assert!(!names.contains(&format!("{p}-h1-c-redis")), "{names:?}");
+    assert!(names.contains(&format!("{p}-h2-c-redis")), "{names:?}");
 }
