@@ -411,6 +411,8 @@ pub struct ChunkSide<'a> {
     pub endpoint: &'a str,
     /// The container's volumes (their tars ride along with every round).
     pub volumes: &'a tokio::sync::Mutex<crate::volumes::Moves>,
+    /// The knowledge base, told of every round's chunks (the source holds them now).
+    pub kb: Option<&'a crate::kb::Kb>,
 }
 
 impl std::fmt::Debug for ChunkSide<'_> {
@@ -442,6 +444,11 @@ async fn publish_and_sync<D: Destination>(
             .await
             .map_err(|e| AgentError::Refused(format!("chunking task: {e}")))??;
     vols.done_round(round);
+    if let Some(kb) = chunks.kb {
+        if let Ok(objs) = crate::sync::decode_objects(&manifests) {
+            kb.inventory().added(&crate::sync::chunk_ids(&objs));
+        }
+    }
     let earlier = vols.published(&manifests);
     if last {
         manifests.extend(earlier);
@@ -528,6 +535,7 @@ async fn run_after_prepare(
     let chunks = ChunkSide {
         store: &node.store,
         endpoint: &node.cfg.advertise,
+        kb: node.kb().map(|k| k.as_ref()),
         volumes: &moves,
     };
     bytes_sent += precopy(
@@ -909,6 +917,7 @@ mod tests {
             store: &store,
             endpoint: "http://127.0.0.1:1",
             volumes: &moves,
+            kb: None,
         };
         let (tx, _rx) = mpsc::channel(64);
         let mut phases = Vec::new();

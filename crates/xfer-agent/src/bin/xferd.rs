@@ -75,6 +75,11 @@ struct Args {
     /// Tunnel kind: vxlan, ipip or gre (default: probe the kernel, lightest that works).
     #[arg(long)]
     tunnel_kind: Option<String>,
+    /// The cluster knowledge base's configuration (JSON, one file for the cluster; see
+    /// docs/operations.md): mode, the host acting as the knowledge base, every host's
+    /// endpoint, neighbours. Without it, a destination fetches from the source only.
+    #[arg(long, env = "XFER_KB_CONFIG")]
+    kb_config: Option<PathBuf>,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -181,6 +186,27 @@ async fn run() -> anyhow::Result<()> {
             args.containerd.display()
         )
     })?;
+    let node = match &args.kb_config {
+        Some(path) => {
+            let kcfg = xfer_agent::kb::KbConfig::load(path)?;
+            let kb = xfer_agent::kb::Kb::start(
+                &kcfg,
+                &args.node,
+                node.store().clone(),
+                args.tls_dir.as_ref().map(|d| {
+                    xfer_agent::tls::TlsFiles::in_dir(
+                        d,
+                        args.tls_name.as_deref().unwrap_or(&args.node),
+                    )
+                }),
+                &args.work_dir,
+            )
+            .await
+            .context("start the knowledge base")?;
+            node.with_kb(std::sync::Arc::new(kb))
+        }
+        None => node,
+    };
     node.resume_handover()
         .await
         .context("resume the handover of routed containers")?;
