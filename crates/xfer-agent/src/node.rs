@@ -411,6 +411,16 @@ impl Node {
             fetch_micros,
             rebuild_micros,
             report_json: serde_json::to_string(&report).unwrap_or_default(),
+            sources: report
+                .sources
+                .iter()
+                .filter(|(_, s)| s.chunks > 0)
+                .map(|(name, s)| xfer_proto::v1::SourceBytes {
+                    source: name.clone(),
+                    chunks: s.chunks,
+                    wire_bytes: s.wire_bytes,
+                })
+                .collect(),
         })
     }
 

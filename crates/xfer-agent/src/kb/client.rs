@@ -26,27 +26,10 @@ use crate::tls::TlsFiles;
 /// A channel to `endpoint` that connects on first use and reconnects after failures
 /// (so a neighbour that is down now is tried again at the next call).
 pub fn lazy_channel(endpoint: &str, tls: Option<&TlsFiles>) -> Result<Channel, AgentError> {
-    let conn_err = |source| AgentError::Connect {
-        endpoint: endpoint.to_string(),
-        source,
-    };
-    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(conn_err)?
+    Ok(crate::migrate::agent_endpoint(endpoint, tls)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    match tls {
-        Some(t) => ep = ep.tls_config(t.client_config()?).map_err(conn_err)?,
-        None if endpoint.starts_with("https") => {
-            return Err(AgentError::Refused(format!(
-                "{endpoint} needs TLS: give the cluster CA and a certificate (--tls-dir)"
-            )))
-        }
-        None => {}
-    }
-    Ok(ep.connect_lazy())
+        .connect_lazy())
 }
 
 fn reach(host: &str, what: impl std::fmt::Display) -> KbError {

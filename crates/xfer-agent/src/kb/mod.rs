@@ -304,16 +304,11 @@ impl Kb {
                         let pusher =
                             Arc::new(Pusher::new(inv, s.clone(), clock.clone(), p.clone()));
                         tasks.push(tokio::spawn(pusher.run()));
-                        let (st, ck, period) = (kb_store.clone(), clock.clone(), p.heartbeat);
-                        tasks.push(tokio::spawn(async move {
-                            let mut tick = tokio::time::interval(period);
-                            loop {
-                                tick.tick().await;
-                                if let Err(e) = st.expire(ck.now()).await {
-                                    tracing::warn!(error = %e, "expiring hosts failed");
-                                }
-                            }
-                        }));
+                        tasks.push(xfer_kb::spawn_expiry(
+                            kb_store.clone(),
+                            clock.clone(),
+                            p.heartbeat,
+                        ));
                         sink = Some(s);
                     }
                     _ => {}
