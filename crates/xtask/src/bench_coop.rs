@@ -172,7 +172,9 @@ impl Lab {
             }
             std::fs::write(&cfg, serde_json::to_string_pretty(&v)?)?;
         }
-        for h in HOSTS {
+        // The knowledge base (h3) after the hosts it pulls, the destination (h2) after
+        // its neighbours: every first pull finds its peers up.
+        for h in ["h1", "h4", "h3", "h2"] {
             if wipe && h == "h2" {
                 let pid = self.xferd_pid(h)?;
                 // SAFETY: kill(2) with a pid read from the lab's state and SIGKILL.

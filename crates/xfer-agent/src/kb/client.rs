@@ -197,6 +197,65 @@ impl Transport for GrpcTransport {
     }
 }
 
+/// [`GrpcTransport`] that answers calls about its own host from that host's
+/// inventory, without the network: the knowledge base pulling every host (mode a)
+/// includes itself, also before its own server serves.
+#[derive(Debug)]
+pub struct SelfFirst {
+    pub me: Arc<dyn xfer_kb::Inventory>,
+    pub remote: Arc<GrpcTransport>,
+}
+
+#[async_trait]
+impl Transport for SelfFirst {
+    async fn full(&self, host: &str) -> Result<FullInventory, KbError> {
+        if host != self.me.host() {
+            return self.remote.full(host).await;
+        }
+        let me = self.me.clone();
+        tokio::task::spawn_blocking(move || me.full())
+            .await
+            .map_err(|e| reach(host, format!("inventory task: {e}")))
+    }
+
+    async fn status(&self, host: &str) -> Result<HostStatus, KbError> {
+        if host != self.me.host() {
+            return self.remote.status(host).await;
+        }
+        Ok(self.me.status())
+    }
+
+    async fn have(&self, host: &str, digests: &[Digest]) -> Result<Vec<bool>, KbError> {
+        if host != self.me.host() {
+            return self.remote.have(host, digests).await;
+        }
+        Ok(self.me.have(digests))
+    }
+
+    async fn snapshots(&self, host: &str, q: &SnapshotQuery) -> Result<Vec<Snapshot>, KbError> {
+        if host != self.me.host() {
+            return self.remote.snapshots(host, q).await;
+        }
+        Ok(self.me.snapshots(q))
+    }
+
+    async fn subscribe(&self, host: &str) -> Result<mpsc::Receiver<HostEvent>, KbError> {
+        if host != self.me.host() {
+            return self.remote.subscribe(host).await;
+        }
+        let mut rx = self.me.subscribe();
+        let (tx, out) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Ok(ev) = rx.recv().await {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
 /// A host's path to the knowledge base (central push).
 #[derive(Debug, Clone)]
 pub struct GrpcSink {

@@ -225,7 +225,10 @@ impl Kb {
         let mut tasks = Vec::new();
         let mut central = None;
         let is_kb = cfg.kb.as_deref() == Some(name);
-        let t: Arc<dyn xfer_kb::Transport> = transport.clone();
+        let t: Arc<dyn xfer_kb::Transport> = Arc::new(client::SelfFirst {
+            me: inventory.clone(),
+            remote: transport.clone(),
+        });
         let directory: Arc<dyn Directory> = match &mode {
             ModeConfig::CentralPull(_) | ModeConfig::CentralPush(_) if !is_kb => {
                 let kb = cfg.kb.clone().unwrap_or_default();

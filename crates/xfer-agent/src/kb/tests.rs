@@ -77,6 +77,15 @@ async fn listeners(n: usize) -> Vec<(tokio::net::TcpListener, String)> {
 
 /// Starts hosts h1..hN, each serving Chunks and Kb with `mode` (h1 the KB).
 async fn cluster(n: usize, mode: ModeKind) -> (Vec<Host>, KbConfig) {
+    cluster_with(n, mode, None).await
+}
+
+/// [`cluster`] with the mode's tuning.
+async fn cluster_with(
+    n: usize,
+    mode: ModeKind,
+    tuning: Option<xfer_kb::ModeConfig>,
+) -> (Vec<Host>, KbConfig) {
     let ls = listeners(n).await;
     let backs = listeners(n).await;
     let hosts: BTreeMap<String, String> = ls
@@ -86,7 +95,7 @@ async fn cluster(n: usize, mode: ModeKind) -> (Vec<Host>, KbConfig) {
         .collect();
     let cfg = KbConfig {
         mode,
-        tuning: None,
+        tuning,
         kb: Some("h1".into()),
         store: StoreKind::Embedded,
         etcd: vec![],
@@ -271,6 +280,29 @@ async fn a_neighbour_killed_mid_fetch_does_not_fail_it() {
     assert_eq!(nb.chunks + src.chunks, 300);
     assert!(nb.errors > 0 || nb.dropped, "{nb:?}");
     drop(hosts.remove(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_pull_includes_the_kb_itself_and_the_other_hosts() {
+    let tuning = xfer_kb::ModeConfig::CentralPull(xfer_kb::PullConfig {
+        period: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let (hosts, _cfg) = cluster_with(3, ModeKind::CentralPull, Some(tuning)).await;
+    let mine = random_chunks(&hosts[0].store, 3, 4096, 4);
+    let theirs = random_chunks(&hosts[1].store, 3, 4096, 5);
+    let all: Vec<Digest> = mine.iter().chain(&theirs).copied().collect();
+    let dir = kb(&hosts[2]).directory().clone();
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let a = dir.holders(&all).await.expect("holders");
+        names = (0..all.len()).map(|i| a.names_of(i).join(",")).collect();
+        if names[..3].iter().all(|n| n == "h1") && names[3..].iter().all(|n| n == "h2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(names, ["h1", "h1", "h1", "h2", "h2", "h2"]);
 }
 
 #[test]
