@@ -172,9 +172,16 @@ impl Lab {
             }
             std::fs::write(&cfg, serde_json::to_string_pretty(&v)?)?;
         }
-        // The knowledge base (h3) after the hosts it pulls, the destination (h2) after
-        // its neighbours: every first pull finds its peers up.
-        for h in ["h1", "h4", "h3", "h2"] {
+        // Every first contact finds its peer up: in central push the knowledge base
+        // (h3) before the hosts that push to it (a pusher whose first full update
+        // fails retries only at its next heartbeat, 10 s); otherwise the knowledge
+        // base after the hosts it pulls and the destination (h2) after its neighbours.
+        let order = if mode == "central_push" {
+            ["h3", "h1", "h4", "h2"]
+        } else {
+            ["h1", "h4", "h3", "h2"]
+        };
+        for h in order {
             if wipe && h == "h2" {
                 let pid = self.xferd_pid(h)?;
                 // SAFETY: kill(2) with a pid read from the lab's state and SIGKILL.
