@@ -319,6 +319,10 @@ fn config_is_checked() {
     let bad_nb = r#"{"mode": "online_query", "hosts": {"h1": "x"}, "neighbours": {"h1": ["h9"]}}"#;
     let c: KbConfig = serde_json::from_str(bad_nb).expect("parses");
     assert!(c.check().is_err());
+    let partial = r#"{"mode": "online_query", "hosts": {}, "policy": {"per_chunk": 2}}"#;
+    let c: KbConfig = serde_json::from_str(partial).expect("a partial policy parses");
+    assert_eq!(c.policy.per_chunk, 2);
+    assert_eq!(c.policy.max_sources, 63);
     let unknown = r#"{"mode": "online_query", "hosts": {}, "nope": 1}"#;
     assert!(serde_json::from_str::<KbConfig>(unknown).is_err());
     let wrong_tuning = r#"{"mode": "online_query", "hosts": {}, "tuning": {"mode": "central_pull", "period": {"secs": 1, "nanos": 0}, "timeout": {"secs": 1, "nanos": 0}, "concurrency": 1, "drop_after": 1}}"#;
