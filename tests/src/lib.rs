@@ -197,6 +197,18 @@ pub async fn task_pid(c: &mut Client, id: &str) -> Option<(u32, String)> {
         .map(|ci| (ci.pid, ci.status))
 }
 
+/// The pid of container `id`'s task on a host; panics unless it is running.
+pub async fn running_pid(c: &mut Client, id: &str) -> u32 {
+    let (pid, status) = task_pid(c, id).await.expect("the container is there");
+    assert_eq!(status, "running", "container {id}");
+    pid
+}
+
+/// A number the container of `pid` keeps in the file `path` (0 if unreadable).
+pub fn read_number(pid: u32, path: &str) -> u64 {
+    read_in(pid, path).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 /// Reads a file inside a running container, through /proc/PID/root.
 pub fn read_in(pid: u32, path: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/root{path}"))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use xfer_agent::client::{Client, Mode};
 use xfer_agent::volumes::parse_cli;
 use xfer_runtime::containerd::{Containerd, Runtime};
-use xfer_tests::{chain, read_in, task_pid, wait_for, TestLab};
+use xfer_tests::{chain, read_in, wait_for, TestLab};
 
 fn sh(script: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script.into()]
@@ -35,15 +35,11 @@ async fn migrate(lab: &TestLab, from: &str, to: &str) -> Vec<(String, u64)> {
 }
 
 async fn running_pid(c: &mut Client) -> u32 {
-    let (pid, status) = task_pid(c, "app").await.expect("app is there");
-    assert_eq!(status, "running");
-    pid
+    xfer_tests::running_pid(c, "app").await
 }
 
 fn count(pid: u32) -> u64 {
-    read_in(pid, "/data/count")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    xfer_tests::read_number(pid, "/data/count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

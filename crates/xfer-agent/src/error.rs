@@ -72,6 +72,16 @@ pub enum AgentError {
     /// Fetching chunks failed.
     #[error("fetch chunks")]
     Fetch(#[source] crate::chunks::ChunkError),
+    /// A knowledge-base message from the wire was malformed.
+    #[error("decode knowledge-base message: {what}")]
+    DecodeKb { what: String },
+    /// Setting up or asking the cluster knowledge base failed.
+    #[error("knowledge base: {what}")]
+    Kb {
+        what: String,
+        #[source]
+        source: xfer_kb::KbError,
+    },
     /// A network operation (container namespace, veth, address) failed.
     #[error("network: {what}")]
     Net {

@@ -27,6 +27,7 @@ pub mod client;
 pub mod error;
 pub mod handover;
 pub mod images;
+pub mod kb;
 pub mod migrate;
 pub mod netctl;
 pub mod node;
@@ -63,9 +64,25 @@ pub async fn serve(
     if let Some(t) = tls {
         builder = builder.tls_config(t)?;
     }
-    let chunks = chunks::ChunkService::new(node.store().clone()).into_server();
+    let chunks = chunks::ChunkService::new(node.store().clone());
+    let kb = node.kb().cloned();
+    let kb_service = kb.as_ref().map(|k| k.service().into_server());
+    let meter = chunks.meter();
+    // The chunk service's load becomes the host's published load.
+    let _load = kb.map(|k| {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let l = meter.load();
+                k.report_load(l.fetch_streams, l.served_bytes_per_sec);
+            }
+        });
+        AbortOnDrop(task.abort_handle())
+    });
     builder
-        .add_service(chunks)
+        .add_optional_service(kb_service)
+        .add_service(chunks.into_server())
         .add_service(
             AgentServer::new(node)
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -73,4 +90,14 @@ pub async fn serve(
         )
         .serve_with_shutdown(addr, shutdown)
         .await
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -42,26 +42,38 @@ async fn emit(tx: &Events, p: &PhaseTiming, phases: &mut Vec<PhaseTiming>) {
 /// without it is refused), and HTTP/2 keep-alive so that a cut link or a dead peer
 /// fails a call within seconds instead of hanging it.
 pub async fn open_channel(endpoint: &str, tls: Option<&TlsFiles>) -> Result<Channel, AgentError> {
+    agent_endpoint(endpoint, tls)?
+        .connect()
+        .await
+        .map_err(|source| AgentError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        })
+}
+
+/// How agents reach each other: keep-alive, connect timeout, mutual TLS when given
+/// (an https endpoint without TLS files is refused).
+pub fn agent_endpoint(
+    endpoint: &str,
+    tls: Option<&TlsFiles>,
+) -> Result<tonic::transport::Endpoint, AgentError> {
     let conn_err = |source| AgentError::Connect {
         endpoint: endpoint.to_string(),
         source,
     };
-    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(conn_err)?
         .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     match tls {
-        Some(t) => ep = ep.tls_config(t.client_config()?).map_err(conn_err)?,
-        None if endpoint.starts_with("https") => {
-            return Err(AgentError::Refused(format!(
-                "{endpoint} needs TLS: give the cluster CA and a certificate (--tls-dir)"
-            )))
-        }
-        None => {}
+        Some(t) => ep.tls_config(t.client_config()?).map_err(conn_err),
+        None if endpoint.starts_with("https") => Err(AgentError::Refused(format!(
+            "{endpoint} needs TLS: give the cluster CA and a certificate (--tls-dir)"
+        ))),
+        None => Ok(ep),
     }
-    ep.connect().await.map_err(conn_err)
 }
 
 /// Opens a channel to a peer agent (with mutual TLS when `tls` is given) and checks
@@ -425,6 +437,8 @@ pub struct ChunkSide<'a> {
     pub endpoint: &'a str,
     /// The container's volumes (their tars ride along with every round).
     pub volumes: &'a tokio::sync::Mutex<crate::volumes::Moves>,
+    /// The knowledge base, told of every round's chunks (the source holds them now).
+    pub kb: Option<&'a crate::kb::Kb>,
 }
 
 impl std::fmt::Debug for ChunkSide<'_> {
@@ -456,6 +470,11 @@ async fn publish_and_sync<D: Destination>(
             .await
             .map_err(|e| AgentError::Refused(format!("chunking task: {e}")))??;
     vols.done_round(round);
+    if let Some(kb) = chunks.kb {
+        if let Ok(objs) = crate::sync::decode_objects(&manifests) {
+            kb.inventory().added(&crate::sync::chunk_ids(&objs));
+        }
+    }
     let earlier = vols.published(&manifests);
     if last {
         manifests.extend(earlier);
@@ -546,6 +565,7 @@ async fn run_after_prepare(
     let chunks = ChunkSide {
         store: &node.store,
         endpoint: &node.cfg.advertise,
+        kb: node.kb().map(|k| k.as_ref()),
         volumes: &moves,
     };
     bytes_sent += precopy(
@@ -596,6 +616,7 @@ pub async fn precopy<R: Runtime, D: Destination>(
             dump_bytes,
             delta_raw_bytes: reply.raw_bytes,
             delta_wire_bytes: reply.wire_bytes,
+            sources: reply.sources.clone(),
         };
         emit(
             tx,
@@ -709,6 +730,7 @@ pub async fn cutover<R: Runtime, D: Destination>(
             dump_bytes,
             delta_raw_bytes: reply.raw_bytes,
             delta_wire_bytes: reply.wire_bytes,
+            sources: reply.sources.clone(),
         });
         emit(tx, &phase("transfer", t, reply.wire_bytes), phases).await;
 
@@ -927,6 +949,7 @@ mod tests {
             store: &store,
             endpoint: "http://127.0.0.1:1",
             volumes: &moves,
+            kb: None,
         };
         let (tx, _rx) = mpsc::channel(64);
         let mut phases = Vec::new();

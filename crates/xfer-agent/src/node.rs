@@ -81,6 +81,8 @@ pub struct Node {
     /// This node's chunk store (served to peers through the Chunks service).
     pub(crate) store: Arc<xfer_store::Store>,
     inbound: Arc<Mutex<HashMap<String, Inbound>>>,
+    /// The cluster knowledge base (issue 6): neighbours as sources of a fetch.
+    kb: Option<Arc<crate::kb::Kb>>,
 }
 
 fn refuse(msg: impl Into<String>) -> Status {
@@ -127,7 +129,21 @@ impl Node {
             criu: Arc::new(criu),
             store,
             inbound: Arc::new(Mutex::new(HashMap::new())),
+            kb: None,
         })
+    }
+
+    /// This node with the knowledge base `kb`: as a destination it asks it for the
+    /// holders of what it fetches and takes chunks from them; its store's changes are
+    /// reported to it.
+    pub fn with_kb(mut self, kb: Arc<crate::kb::Kb>) -> Self {
+        self.kb = Some(kb);
+        self
+    }
+
+    /// The knowledge base, if configured.
+    pub fn kb(&self) -> Option<&Arc<crate::kb::Kb>> {
+        self.kb.as_ref()
     }
 
     /// Drops inbound migrations whose source went silent (see [`INBOUND_EXPIRY`]);
@@ -265,7 +281,7 @@ impl Node {
         if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
             i.touched = Instant::now();
         }
-        let (dir, fetcher, rebuilt) = {
+        let (dir, fetcher, rebuilt, moving) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&r.migration_id).ok_or_else(|| {
                 AgentError::Refused(format!("no migration {} prepared here", r.migration_id))
@@ -275,7 +291,16 @@ impl Node {
                     "injected failure at the transfer step (test hook)".into(),
                 ));
             }
-            (inb.dir.clone(), inb.fetcher.clone(), inb.rebuilt.clone())
+            let moving = xfer_kb::Moving {
+                container: Some(inb.container_id.clone()),
+                service: inb.manifest.as_ref().map(|m| m.digest.clone()),
+            };
+            (
+                inb.dir.clone(),
+                inb.fetcher.clone(),
+                inb.rebuilt.clone(),
+                moving,
+            )
         };
         let mut r = r;
         let present = self.skip_present_volumes(&mut r.objects);
@@ -311,18 +336,40 @@ impl Node {
                 Some(f) => f,
                 None => {
                     let peer = self.chunk_peer(&r.chunk_endpoint).await?;
-                    let f = Arc::new(crate::chunks::Fetcher::new(store.clone(), "source", peer));
+                    let mut f = crate::chunks::Fetcher::new(store.clone(), "source", peer);
+                    if let Some(kb) = &self.kb {
+                        kb.add_sources(&mut f, &r.chunk_endpoint);
+                    }
+                    let f = Arc::new(f);
                     if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
                         inb.fetcher = Some(f.clone());
                     }
                     f
                 }
             };
-            let wants: Vec<crate::chunks::Want> = missing
-                .iter()
-                .map(|id| crate::chunks::Want::from_fallback(*id))
-                .collect();
-            fetcher.fetch(&wants).await.map_err(AgentError::Fetch)?
+            let wants: Vec<crate::chunks::Want> = match &self.kb {
+                Some(kb) => {
+                    let plan = kb.plan(&missing, &moving, &r.chunk_endpoint).await;
+                    info!(
+                        migration = %r.migration_id,
+                        round = r.round,
+                        chunks = missing.len(),
+                        from_neighbours = plan.wants.iter().filter(|w| !w.sources.is_empty()).count(),
+                        ask_micros = plan.ask_micros,
+                        "knowledge base asked"
+                    );
+                    plan.wants
+                }
+                None => missing
+                    .iter()
+                    .map(|id| crate::chunks::Want::from_fallback(*id))
+                    .collect(),
+            };
+            let report = fetcher.fetch(&wants).await.map_err(AgentError::Fetch)?;
+            if let Some(kb) = &self.kb {
+                kb.fetched(&missing, &report);
+            }
+            report
         };
         let fetch_micros = t.elapsed().as_micros() as u64;
         // Every round rebuilds (patches) the files, so the final round only writes what
@@ -374,6 +421,16 @@ impl Node {
             fetch_micros,
             rebuild_micros,
             report_json: serde_json::to_string(&report).unwrap_or_default(),
+            sources: report
+                .sources
+                .iter()
+                .filter(|(_, s)| s.chunks > 0)
+                .map(|(name, s)| xfer_proto::v1::SourceBytes {
+                    source: name.clone(),
+                    chunks: s.chunks,
+                    wire_bytes: s.wire_bytes,
+                })
+                .collect(),
         })
     }
 

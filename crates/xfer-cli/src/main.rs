@@ -540,6 +540,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "dump_bytes": r.dump_bytes,
                         "delta_raw_bytes": r.delta_raw_bytes,
                         "delta_wire_bytes": r.delta_wire_bytes,
+                        "sources": r.sources.iter().map(|s| serde_json::json!({
+                            "source": s.source,
+                            "chunks": s.chunks,
+                            "wire_bytes": s.wire_bytes,
+                        })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -555,6 +560,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         r.delta_raw_bytes,
                         r.delta_wire_bytes
                     );
+                    for src in &r.sources {
+                        println!(
+                            "           from {:<12} {:>8} chunks {:>12} B on the wire",
+                            src.source, src.chunks, src.wire_bytes
+                        );
+                    }
                 }
                 println!(
                     "done: total {:.1} ms, downtime {:.1} ms, {} bytes on the wire, image blobs sent {} / skipped {}, restored pid {}",

@@ -34,6 +34,7 @@ use crate::model::{HoldersAnswer, HostFacts, HostName, Link, Snapshot, Subject};
 
 /// Tuning of [`rank_candidates`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CandidatePolicy {
     /// Size of the reference request the link rate is computed for.
     pub reference_bytes: f64,

@@ -50,8 +50,8 @@ pub use model::{
     HostRecord, HostStatus, Link, ModeKind, Snapshot, SnapshotQuery, SnapshotsAnswer, Subject,
 };
 pub use modes::{
-    Central, Directory, ModeConfig, OnlineQuery, PullConfig, PullReport, Puller, PushConfig,
-    Pusher, QueryConfig, StoreDirectory, SubscribeConfig, Subscriber,
+    spawn_expiry, Central, Directory, ModeConfig, OnlineQuery, PullConfig, PullReport, Puller,
+    PushConfig, Pusher, QueryConfig, StoreDirectory, SubscribeConfig, Subscriber,
 };
 pub use store::{EmbeddedStore, EtcdConfig, EtcdStore, Holdings, KbStore};
 pub use transport::{Faults, KbSink, LocalTransport, LossySink, Transport};

@@ -289,6 +289,24 @@ impl KbSink for Central {
     }
 }
 
+/// The knowledge base's expiry of silent hosts (mode b): every `period`, forgets the
+/// hosts the store's TTL has run out for.
+pub fn spawn_expiry(
+    store: Arc<dyn KbStore>,
+    clock: Arc<dyn Clock>,
+    period: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = interval(period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.expire(clock.now()).await {
+                tracing::error!(error = %e, "expiring hosts failed");
+            }
+        }
+    })
+}
+
 /// Pulls full inventories of a set of hosts into a store (modes a and d).
 #[derive(Debug)]
 pub struct Puller {

@@ -82,16 +82,11 @@ pub fn deploy(
                 ));
                 tasks.push(tokio::spawn(pusher.run()));
             }
-            let (st, ck, period) = (store.clone(), clock.clone(), p.heartbeat);
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(period);
-                loop {
-                    tick.tick().await;
-                    if let Err(e) = st.expire(ck.now()).await {
-                        tracing::error!(error = %e, "expiring hosts failed");
-                    }
-                }
-            }));
+            tasks.push(crate::modes::spawn_expiry(
+                store.clone(),
+                clock.clone(),
+                p.heartbeat,
+            ));
             sink = Some(lossy);
             Arc::new(StoreDirectory::new(store, clock, cfg))
         }

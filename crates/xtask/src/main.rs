@@ -1,5 +1,6 @@
 //! Developer tasks for xfer: `cargo xtask setup | test | demo | bench <name>`.
 
+mod bench_coop;
 mod bench_downtime;
 mod bench_handover;
 mod ci;
@@ -29,7 +30,7 @@ enum Cmd {
     Test(ci::TestArgs),
     /// setup, build, start a 3-node lab, run redis on h1, cold-migrate it to h2, lab down.
     Demo(demo::DemoArgs),
-    /// Benchmarks: `downtime`, `handover` (see `cargo xtask bench NAME --help`).
+    /// Benchmarks: `downtime`, `handover`, `cooperative` (see `cargo xtask bench NAME --help`).
     #[command(disable_help_flag = true)]
     Bench {
         /// Benchmark name.
@@ -74,6 +75,7 @@ fn main() {
         Cmd::Bench { name, args } => match name.as_str() {
             "downtime" => bench_downtime::main(args),
             "handover" => bench_handover::main(args),
+            "cooperative" => bench_coop::main(args),
             _ => {
                 println!("bench {name}: not implemented yet");
                 std::process::exit(2);

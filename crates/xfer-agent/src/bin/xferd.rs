@@ -83,6 +83,11 @@ struct Args {
     /// Seconds between garbage collections of the chunk store.
     #[arg(long, default_value_t = 300)]
     gc_interval: u64,
+    /// The cluster knowledge base's configuration (JSON, one file for the cluster; see
+    /// docs/operations.md): mode, the host acting as the knowledge base, every host's
+    /// endpoint, neighbours. Without it, a destination fetches from the source only.
+    #[arg(long, env = "XFER_KB_CONFIG")]
+    kb_config: Option<PathBuf>,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -189,6 +194,27 @@ async fn run() -> anyhow::Result<()> {
             args.containerd.display()
         )
     })?;
+    let node = match &args.kb_config {
+        Some(path) => {
+            let kcfg = xfer_agent::kb::KbConfig::load(path)?;
+            let kb = xfer_agent::kb::Kb::start(
+                &kcfg,
+                &args.node,
+                node.store().clone(),
+                args.tls_dir.as_ref().map(|d| {
+                    xfer_agent::tls::TlsFiles::in_dir(
+                        d,
+                        args.tls_name.as_deref().unwrap_or(&args.node),
+                    )
+                }),
+                &args.work_dir,
+            )
+            .await
+            .context("start the knowledge base")?;
+            node.with_kb(std::sync::Arc::new(kb))
+        }
+        None => node,
+    };
     node.resume_handover()
         .await
         .context("resume the handover of routed containers")?;
@@ -207,13 +233,19 @@ async fn run() -> anyhow::Result<()> {
             let store = gc_node.store().clone();
             let policy = policy.clone();
             match tokio::task::spawn_blocking(move || store.gc(&policy)).await {
-                Ok(Ok(r)) => tracing::info!(
-                    removed = r.removed.len(),
-                    freed = r.freed_bytes,
-                    stored = r.stored_bytes,
-                    over_cap = r.over_cap,
-                    "chunk store garbage collection"
-                ),
+                Ok(Ok(r)) => {
+                    tracing::info!(
+                        removed = r.removed.len(),
+                        freed = r.freed_bytes,
+                        stored = r.stored_bytes,
+                        over_cap = r.over_cap,
+                        "chunk store garbage collection"
+                    );
+                    // The knowledge base hears of evictions, so it stops naming us.
+                    if let Some(kb) = gc_node.kb() {
+                        kb.inventory().collected(&r);
+                    }
+                }
                 Ok(Err(e)) => tracing::warn!(error = %e, "chunk store garbage collection failed"),
                 Err(e) => tracing::warn!(error = %e, "chunk store garbage collection task"),
             }

@@ -1,0 +1,331 @@
+//! The wiring of the knowledge base over real gRPC on loopback, with on-disk stores:
+//! on-line queries (mode c) and central push (mode b) answer through the `Kb`
+//! service; a destination's plan names the neighbour; the fetch takes the
+//! neighbour's chunks; a neighbour that dies mid-fetch does not fail the fetch.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use xfer_kb::{ModeKind, Moving};
+use xfer_store::{Digest, Store};
+
+use super::{Kb, KbConfig, StoreKind};
+use crate::chunks::{ChunkService, Fetcher};
+
+struct Host {
+    store: Arc<Store>,
+    kb: Option<Arc<Kb>>,
+    server: Option<JoinHandle<()>>,
+    /// Peers reach the host through this proxy; killing it cuts every connection.
+    proxy: Proxy,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(s) = &self.server {
+            s.abort();
+        }
+        self.proxy.kill();
+    }
+}
+
+/// A TCP forwarder whose connections all die at once (a host crashing).
+#[derive(Clone)]
+struct Proxy {
+    tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    fn start(front: tokio::net::TcpListener, back: std::net::SocketAddr) -> Proxy {
+        let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let t2 = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut a, _)) = front.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut b) = tokio::net::TcpStream::connect(back).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+                t2.lock().expect("lock").push(conn);
+            }
+        });
+        tasks.lock().expect("lock").push(accept);
+        Proxy { tasks }
+    }
+
+    fn kill(&self) {
+        for t in self.tasks.lock().expect("lock").drain(..) {
+            t.abort();
+        }
+    }
+}
+
+async fn listeners(n: usize) -> Vec<(tokio::net::TcpListener, String)> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let ep = format!("http://{}", l.local_addr().expect("addr"));
+        v.push((l, ep));
+    }
+    v
+}
+
+/// Starts hosts h1..hN, each serving Chunks and Kb with `mode` (h1 the KB).
+async fn cluster(n: usize, mode: ModeKind) -> (Vec<Host>, KbConfig) {
+    cluster_with(n, mode, None).await
+}
+
+/// [`cluster`] with the mode's tuning.
+async fn cluster_with(
+    n: usize,
+    mode: ModeKind,
+    tuning: Option<xfer_kb::ModeConfig>,
+) -> (Vec<Host>, KbConfig) {
+    let ls = listeners(n).await;
+    let backs = listeners(n).await;
+    let hosts: BTreeMap<String, String> = ls
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ep))| (format!("h{}", i + 1), ep.clone()))
+        .collect();
+    let cfg = KbConfig {
+        mode,
+        tuning,
+        kb: Some("h1".into()),
+        store: StoreKind::Embedded,
+        etcd: vec![],
+        hosts,
+        neighbours: BTreeMap::new(),
+        policy: Default::default(),
+    };
+    let mut out = Vec::new();
+    for (i, ((front, _), (l, _))) in ls.into_iter().zip(backs).enumerate() {
+        let name = format!("h{}", i + 1);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path().join("store")).expect("store"));
+        let kb = Arc::new(
+            Kb::start(&cfg, &name, store.clone(), None, dir.path())
+                .await
+                .expect("kb start"),
+        );
+        let chunks = ChunkService::new(store.clone()).into_server();
+        let svc = kb.service().into_server();
+        let proxy = Proxy::start(front, l.local_addr().expect("addr"));
+        let incoming = tonic::transport::server::TcpIncoming::from(l);
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(chunks)
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        out.push(Host {
+            store,
+            proxy,
+            kb: Some(kb),
+            server: Some(server),
+            _dir: dir,
+        });
+    }
+    (out, cfg)
+}
+
+fn random_chunks(store: &Store, n: usize, size: usize, seed: u64) -> Vec<Digest> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            let data: Vec<u8> = (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            store.put(&data).expect("put")
+        })
+        .collect()
+}
+
+fn copy(from: &Store, to: &Store, ids: &[Digest]) {
+    for id in ids {
+        to.put(&from.get(id).expect("get")).expect("put");
+    }
+}
+
+fn kb(h: &Host) -> &Arc<Kb> {
+    h.kb.as_ref().expect("kb")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_query_names_the_neighbour_and_the_fetch_uses_it() {
+    let (hosts, cfg) = cluster(3, ModeKind::OnlineQuery).await;
+    let (src, nb, dst) = (&hosts[0], &hosts[1], &hosts[2]);
+    let ids = random_chunks(&src.store, 40, 64 << 10, 1);
+    // The neighbour holds the first 30.
+    copy(&src.store, &nb.store, &ids[..30]);
+    let src_ep = &cfg.hosts["h1"];
+    let plan = kb(dst).plan(&ids, &Moving::default(), src_ep).await;
+    assert_eq!(plan.error, None);
+    assert_eq!(plan.mode, Some(ModeKind::OnlineQuery));
+    for (i, w) in plan.wants.iter().enumerate() {
+        let want: Vec<String> = if i < 30 { vec!["h2".into()] } else { vec![] };
+        assert_eq!(w.sources, want, "chunk {i}");
+    }
+    assert_eq!(plan.hosts.len(), 1, "the source is never a candidate");
+    assert!(!plan.hosts[0].why.is_empty());
+
+    let peer = Arc::new(crate::chunks::GrpcPeer::lazy(src_ep).expect("peer"));
+    let mut f = Fetcher::new(dst.store.clone(), "source", peer);
+    kb(dst).add_sources(&mut f, src_ep);
+    let report = f.fetch(&plan.wants).await.expect("fetch");
+    assert!(dst.store.has_many(&ids).iter().all(|b| *b));
+    let from_nb = report.sources.get("h2").map(|s| s.chunks).unwrap_or(0);
+    let from_src = report.sources.get("source").map(|s| s.chunks).unwrap_or(0);
+    assert_eq!(from_nb + from_src, 40);
+    assert!(from_nb >= 25, "neighbour served {from_nb} of 30 it holds");
+    assert!(report.sources["h2"].wire_bytes > 0);
+    // The destination reports what it now holds and what it measured.
+    kb(dst).fetched(&ids, &report);
+    let st = xfer_kb::Inventory::status(kb(dst).inventory().as_ref());
+    assert!(st.seq >= 1);
+    assert!(st.info.links.contains_key("h2"), "{:?}", st.info);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_push_reaches_the_kb_and_answers_remote_destinations() {
+    let (hosts, _cfg) = cluster(3, ModeKind::CentralPush).await;
+    let nb = &hosts[1];
+    let ids = random_chunks(&nb.store, 5, 4096, 2);
+    // Reported through the pusher (h2 -> h1) as an Add event.
+    kb(nb).inventory().added(&ids);
+    let dir = kb(&hosts[2]).directory().clone();
+    assert_eq!(dir.mode(), ModeKind::CentralPush);
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let a = dir.holders(&ids).await.expect("holders");
+        names = (0..ids.len())
+            .map(|i| a.names_of(i).join(","))
+            .collect::<Vec<_>>();
+        if names.iter().all(|n| n == "h2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(names.iter().all(|n| n == "h2"), "{names:?}");
+    // A delete reaches it too.
+    for id in &ids[..2] {
+        nb.store.remove(id).expect("remove");
+    }
+    kb(nb).inventory().removed(&ids[..2]);
+    let mut ok = false;
+    for _ in 0..100 {
+        let a = dir.holders(&ids).await.expect("holders");
+        if a.names_of(0).is_empty() && a.names_of(1).is_empty() && a.names_of(2) == ["h2"] {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "remove reflected");
+    // A host that is not the KB refuses KB calls.
+    let t = super::client::GrpcTransport::new(
+        [("h3".to_string(), _cfg.hosts["h3"].clone())].into(),
+        None,
+    );
+    let ch = t.channel("h3").expect("channel");
+    let remote = super::client::RemoteDirectory::new("h3", ModeKind::CentralPush, ch);
+    assert!(xfer_kb::Directory::holders(&remote, &ids).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_killed_mid_fetch_does_not_fail_it() {
+    let (mut hosts, cfg) = cluster(3, ModeKind::OnlineQuery).await;
+    let ids = random_chunks(&hosts[0].store, 300, 128 << 10, 3);
+    copy(&hosts[0].store, &hosts[1].store, &ids);
+    let src_ep = cfg.hosts["h1"].clone();
+    let dst_store = hosts[2].store.clone();
+    let plan = kb(&hosts[2]).plan(&ids, &Moving::default(), &src_ep).await;
+    assert!(plan.wants.iter().all(|w| w.sources == ["h2"]));
+    let peer = Arc::new(crate::chunks::GrpcPeer::lazy(&src_ep).expect("peer"));
+    let mut f = Fetcher::new(dst_store.clone(), "source", peer);
+    kb(&hosts[2]).add_sources(&mut f, &src_ep);
+    // Kill the neighbour's server (connections cut) once a tenth has arrived.
+    let killer = hosts[1].proxy.clone();
+    let watch = dst_store.clone();
+    let ids2 = ids.clone();
+    let killed = tokio::spawn(async move {
+        loop {
+            let n = watch.has_many(&ids2).iter().filter(|b| **b).count();
+            if n >= 30 {
+                killer.kill();
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let report = f.fetch(&plan.wants).await.expect("the fetch survives");
+    let at = killed.await.expect("killer");
+    assert!(at < 300, "killed mid-fetch (at {at})");
+    assert!(dst_store.has_many(&ids).iter().all(|b| *b));
+    let nb = &report.sources["h2"];
+    let src = &report.sources["source"];
+    assert!(nb.chunks >= 30, "neighbour served {}", nb.chunks);
+    assert!(src.chunks > 0, "the source took over");
+    assert_eq!(nb.chunks + src.chunks, 300);
+    assert!(nb.errors > 0 || nb.dropped, "{nb:?}");
+    drop(hosts.remove(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_pull_includes_the_kb_itself_and_the_other_hosts() {
+    let tuning = xfer_kb::ModeConfig::CentralPull(xfer_kb::PullConfig {
+        period: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let (hosts, _cfg) = cluster_with(3, ModeKind::CentralPull, Some(tuning)).await;
+    let mine = random_chunks(&hosts[0].store, 3, 4096, 4);
+    let theirs = random_chunks(&hosts[1].store, 3, 4096, 5);
+    let all: Vec<Digest> = mine.iter().chain(&theirs).copied().collect();
+    let dir = kb(&hosts[2]).directory().clone();
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let a = dir.holders(&all).await.expect("holders");
+        names = (0..all.len()).map(|i| a.names_of(i).join(",")).collect();
+        if names[..3].iter().all(|n| n == "h1") && names[3..].iter().all(|n| n == "h2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(names, ["h1", "h1", "h1", "h2", "h2", "h2"]);
+}
+
+#[test]
+fn config_is_checked() {
+    let ok = r#"{"mode": "central_push", "kb": "h1",
+        "hosts": {"h1": "https://10.0.0.1:7070", "h2": "https://10.0.0.2:7070"}}"#;
+    let c: KbConfig = serde_json::from_str(ok).expect("parses");
+    c.check().expect("valid");
+    assert_eq!(c.mode_config().kind(), ModeKind::CentralPush);
+    assert_eq!(c.neighbours_of("h1"), ["h2"]);
+    let no_kb = r#"{"mode": "central_pull", "hosts": {"h1": "x"}}"#;
+    let c: KbConfig = serde_json::from_str(no_kb).expect("parses");
+    assert!(c.check().is_err());
+    let bad_nb = r#"{"mode": "online_query", "hosts": {"h1": "x"}, "neighbours": {"h1": ["h9"]}}"#;
+    let c: KbConfig = serde_json::from_str(bad_nb).expect("parses");
+    assert!(c.check().is_err());
+    let partial = r#"{"mode": "online_query", "hosts": {}, "policy": {"per_chunk": 2}}"#;
+    let c: KbConfig = serde_json::from_str(partial).expect("a partial policy parses");
+    assert_eq!(c.policy.per_chunk, 2);
+    assert_eq!(c.policy.max_sources, 63);
+    let unknown = r#"{"mode": "online_query", "hosts": {}, "nope": 1}"#;
+    assert!(serde_json::from_str::<KbConfig>(unknown).is_err());
+    let wrong_tuning = r#"{"mode": "online_query", "hosts": {}, "tuning": {"mode": "central_pull", "period": {"secs": 1, "nanos": 0}, "timeout": {"secs": 1, "nanos": 0}, "concurrency": 1, "drop_after": 1}}"#;
+    let c: KbConfig = serde_json::from_str(wrong_tuning).expect("parses");
+    assert!(c.check().is_err());
+}

@@ -1,0 +1,205 @@
+//! Cooperative migration (issue 6): a destination asks the knowledge base (here mode
+//! (c), on-line queries to its neighbours over the `Kb` and `Chunks` services) who
+//! holds the chunks it lacks, and fetches them from a neighbour instead of the
+//! source; a neighbour killed mid-fetch does not fail the migration.
+//!
+//! Four hosts, each link shaped to 40 Mbit/s. A container with a 16 MB read-write
+//! volume of random bytes starts on h1 and moves h1 -> h2 (h1 keeps the chunks in
+//! its store), then h2 -> h3 (h3 takes the volume's chunks from h1), then h3 -> h4
+//! with h1 as h4's only neighbour, and h1's agent is killed once h4 has received a
+//! few megabytes (the source serves the rest).
+
+use std::path::Path;
+use std::time::Duration;
+
+use xfer_agent::client::{Client, Mode};
+use xfer_agent::volumes::parse_cli;
+use xfer_lab::LabSpec;
+use xfer_proto::v1::MigrationReport;
+use xfer_tests::{chain, lab_prefix, wait_for, xferd_path, TestLab};
+
+const BLOB: u64 = 16_000_000;
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Wire bytes per source over every round of a migration report.
+fn by_source(r: &MigrationReport) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for round in &r.rounds {
+        for s in &round.sources {
+            *m.entry(s.source.clone()).or_insert(0) += s.wire_bytes;
+        }
+    }
+    m
+}
+
+async fn migrate(lab: &TestLab, from: &str, to: &str) -> MigrationReport {
+    let dst = lab.lab.host(to).expect("host").endpoint.clone();
+    lab.agent(from)
+        .await
+        .migrate("app", &dst, Mode::Precopy, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("migrate {from} -> {to}: {}", chain(&e)))
+}
+
+async fn running_pid(c: &mut Client) -> u32 {
+    xfer_tests::running_pid(c, "app").await
+}
+
+fn count(pid: u32) -> u64 {
+    xfer_tests::read_number(pid, "/data/count")
+}
+
+fn blob_of(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/root/data/blob")).expect("read the blob")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
+    xfer_tests::require_root_stack();
+    xfer_tests::become_subreaper();
+    let prefix = lab_prefix("tco");
+    let hosts = ["h1", "h2", "h3", "h4"];
+    let lab = xfer_lab::up(&LabSpec {
+        prefix: prefix.clone(),
+        nodes: 4,
+        rates: hosts.iter().map(|h| (h.to_string(), 40_000_000)).collect(),
+        xferd: xferd_path(),
+        handover: Default::default(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
+    let mut lab = TestLab { lab };
+
+    // Every agent gets the knowledge base: on-line queries; h4 asks h1 only.
+    let endpoints: serde_json::Map<String, serde_json::Value> = hosts
+        .iter()
+        .map(|h| {
+            let ep = lab.lab.host(h).expect("host").endpoint.clone();
+            (h.to_string(), serde_json::Value::String(ep))
+        })
+        .collect();
+    let cfg = serde_json::json!({
+        "mode": "online_query",
+        "hosts": endpoints,
+        "neighbours": {"h4": ["h1"]},
+    });
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let cfg_path = cfg_dir.path().join("kb.json");
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
+    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
+    for h in hosts {
+        xfer_lab::restart_agent(&mut lab.lab, h)
+            .await
+            .unwrap_or_else(|e| panic!("restart {h}: {}", chain(&e)));
+    }
+    std::env::remove_var("XFER_KB_CONFIG");
+    for h in hosts {
+        lab.import(h, "busybox").await;
+    }
+
+    let mut h1 = lab.agent("h1").await;
+    h1.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
+    h1.run(
+        "app",
+        "busybox",
+        &sh(&format!(
+            "head -c {BLOB} /dev/urandom > /data/blob && touch /data/ready; \
+             i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
+        )),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("run app: {}", chain(&e)));
+    let pid1 = running_pid(&mut h1).await;
+    wait_for("the blob and the counter", Duration::from_secs(30), || {
+        (count(pid1) > 5).then_some(())
+    })
+    .await;
+    let blob = blob_of(pid1);
+    assert_eq!(blob.len() as u64, BLOB);
+
+    // h1 -> h2: from the source (nobody else holds anything).
+    let r = migrate(&lab, "h1", "h2").await;
+    let src = by_source(&r);
+    eprintln!("h1 -> h2 wire bytes per source: {src:?}");
+    assert!(
+        src.get("source").copied().unwrap_or(0) > BLOB / 2,
+        "h1 -> h2 came from the source: {src:?}"
+    );
+    assert!(src.keys().all(|k| k == "source"), "{src:?}");
+
+    // h2 -> h3: h1 still holds the volume's chunks (and the unchanged pages).
+    let r = migrate(&lab, "h2", "h3").await;
+    let src = by_source(&r);
+    eprintln!("h2 -> h3 wire bytes per source: {src:?}");
+    let from_h1 = src.get("h1").copied().unwrap_or(0);
+    assert!(
+        from_h1 > BLOB / 2,
+        "h3 took most of the volume from the neighbour h1: {src:?}"
+    );
+    let mut h3 = lab.agent("h3").await;
+    let pid3 = running_pid(&mut h3).await;
+    assert!(blob_of(pid3) == blob, "the volume arrived intact at h3");
+    let c3 = count(pid3);
+    wait_for("the counter on h3", Duration::from_secs(10), || {
+        (count(pid3) > c3).then_some(())
+    })
+    .await;
+
+    // h3 -> h4 with h1 killed mid-fetch: the source serves what h1 did not.
+    let h1_pid = lab.lab.host("h1").expect("h1").xferd_pid;
+    let h4_store = lab.lab.host("h4").expect("h4").work_dir().join("store");
+    let base = dir_bytes(&h4_store);
+    let killer = tokio::spawn(async move {
+        for _ in 0..6000 {
+            if dir_bytes(&h4_store) > base + 3_000_000 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(h1_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    });
+    let r = migrate(&lab, "h3", "h4").await;
+    assert!(
+        killer.await.expect("killer"),
+        "h1 was killed during the fetch"
+    );
+    let src = by_source(&r);
+    eprintln!("h3 -> h4 (h1 killed) wire bytes per source: {src:?}");
+    assert!(
+        src.get("h1").copied().unwrap_or(0) > 0,
+        "h1 served before it died: {src:?}"
+    );
+    assert!(
+        src.get("source").copied().unwrap_or(0) > BLOB / 8,
+        "the source served the rest: {src:?}"
+    );
+    let mut h4 = lab.agent("h4").await;
+    let pid4 = running_pid(&mut h4).await;
+    assert!(blob_of(pid4) == blob, "the volume arrived intact at h4");
+    let c4 = count(pid4);
+    wait_for("the counter on h4", Duration::from_secs(10), || {
+        (count(pid4) > c4).then_some(())
+    })
+    .await;
+}
