@@ -478,8 +478,24 @@ pub async fn restart_agent(lab: &mut Lab, host: &str) -> Result<u32, LabError> {
         nix::unistd::Pid::from_raw(h.xferd_pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
+    // The leader turns zombie while its other threads may still hold the sockets: wait
+    // until the old agent's port refuses, or the new one would fail to bind (and a
+    // connection to the dying one would look like the new one answering).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Lab::alive(h.xferd_pid) && !is_zombie(h.xferd_pid) && Instant::now() < deadline {
+    while (Lab::alive(h.xferd_pid) && !is_zombie(h.xferd_pid))
+        || tokio::net::TcpStream::connect((h.address, AGENT_PORT))
+            .await
+            .is_ok()
+    {
+        if Instant::now() > deadline {
+            return Err(LabError::Start {
+                what: format!("agent of {host}"),
+                detail: format!(
+                    "the killed agent (pid {}) still holds its port",
+                    h.xferd_pid
+                ),
+            });
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pid = start_agent(
