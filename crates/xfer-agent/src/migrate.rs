@@ -437,6 +437,10 @@ pub struct ChunkSide<'a> {
     pub endpoint: &'a str,
     /// The container's volumes (their tars ride along with every round).
     pub volumes: &'a tokio::sync::Mutex<crate::volumes::Moves>,
+    /// The container's own network, cut before the source copy is killed: a killed
+    /// task's kernel sockets would otherwise send FIN/RST for connections that now
+    /// live at the destination, and the clients would take them.
+    pub source_net: Option<&'a crate::netctl::ContainerNet>,
     /// The knowledge base, told of every round's chunks (the source holds them now).
     pub kb: Option<&'a crate::kb::Kb>,
 }
@@ -567,6 +571,7 @@ async fn run_after_prepare(
         endpoint: &node.cfg.advertise,
         kb: node.kb().map(|k| k.as_ref()),
         volumes: &moves,
+        source_net: node.cfg.container_net.as_ref(),
     };
     bytes_sent += precopy(
         rt, peer, &chunks, mid, record, policy, out_dir, tx, phases, rounds,
@@ -760,6 +765,9 @@ pub async fn cutover<R: Runtime, D: Destination>(
             let downtime = frozen_at.elapsed().as_micros() as u64;
             // The destination runs the container: only now does the source let go.
             let t = Instant::now();
+            if let Some(cn) = chunks.source_net {
+                cn.cut(id).await;
+            }
             if let Err(e) = rt.remove(id).await {
                 // The migration succeeded; a leftover source copy is reported, not fatal.
                 warn!(error = %e, "could not remove the source copy");
@@ -949,6 +957,7 @@ mod tests {
             store: &store,
             endpoint: "http://127.0.0.1:1",
             volumes: &moves,
+            source_net: None,
             kb: None,
         };
         let (tx, _rx) = mpsc::channel(64);

@@ -205,6 +205,22 @@ impl ContainerNet {
         Ok(self.netns_path(id))
     }
 
+    /// Cuts the container off the network (deletes its veth pair; the namespace stays
+    /// until [`ContainerNet::detach`]). Nothing it sends after this leaves the host.
+    pub async fn cut(&self, id: &str) {
+        let hif = host_if(id);
+        match Netlink::new() {
+            Ok(net) => {
+                if let Err(e) = net.delete_link(Ns::Named(&self.host_ns), &hif).await {
+                    if !e.is_not_found() {
+                        tracing::warn!(link = %hif, error = %e, "cutting a container off the network");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "open rtnetlink"),
+        }
+    }
+
     /// Removes the container's namespace (its veth goes with it). Missing is fine.
     pub async fn detach(&self, id: &str) -> Result<(), AgentError> {
         let ns = self.netns_name(id);
