@@ -94,14 +94,7 @@ struct Sample {
 }
 
 pub fn main(argv: &[String]) -> Result<()> {
-    let args = CoopArgs::try_parse_from(
-        std::iter::once("cargo xtask bench cooperative".to_string()).chain(argv.iter().cloned()),
-    )
-    .unwrap_or_else(|e| e.exit());
-    let mut tl = Timeline::new("cargo xtask bench cooperative");
-    let result = bench(&args, &mut tl);
-    tl.print_summary();
-    result
+    crate::util::run_bench::<CoopArgs>("cargo xtask bench cooperative", argv, bench)
 }
 
 struct Lab {

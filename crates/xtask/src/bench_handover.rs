@@ -68,14 +68,7 @@ struct Sample {
 }
 
 pub fn main(argv: &[String]) -> Result<()> {
-    let args = HandoverArgs::try_parse_from(
-        std::iter::once("cargo xtask bench handover".to_string()).chain(argv.iter().cloned()),
-    )
-    .unwrap_or_else(|e| e.exit());
-    let mut tl = Timeline::new("cargo xtask bench handover");
-    let result = bench(&args, &mut tl);
-    tl.print_summary();
-    result
+    crate::util::run_bench::<HandoverArgs>("cargo xtask bench handover", argv, bench)
 }
 
 struct Bins {

@@ -283,6 +283,22 @@ pub fn setup_and_build(
     Ok(PathBuf::from(target).join(profile))
 }
 
+/// A benchmark's entry point: parses `argv` as the arguments of `title` (exiting with
+/// clap's message when they are wrong), runs `bench` in a timeline and prints its
+/// summary.
+pub fn run_bench<A: clap::Parser>(
+    title: &str,
+    argv: &[String],
+    bench: impl FnOnce(&A, &mut Timeline) -> Result<()>,
+) -> Result<()> {
+    let args = A::try_parse_from(std::iter::once(title.to_string()).chain(argv.iter().cloned()))
+        .unwrap_or_else(|e| e.exit());
+    let mut tl = Timeline::new(title);
+    let result = bench(&args, &mut tl);
+    tl.print_summary();
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
