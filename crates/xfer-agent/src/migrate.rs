@@ -18,7 +18,7 @@ use tonic::Status;
 use tracing::{info, warn};
 use xfer_proto::v1::agent_client::AgentClient;
 use xfer_proto::v1::*;
-use xfer_runtime::containerd::{Runtime, TaskState};
+use xfer_runtime::containerd::{LazyTransfer, Runtime, TaskState};
 
 use crate::error::AgentError;
 use crate::images;
@@ -179,6 +179,12 @@ pub async fn run(
             hello.node, hello.criu_version
         )));
     }
+    if matches!(mode, MigrationMode::Postcopy | MigrationMode::Hybrid) && !hello.lazy_pages {
+        return Err(AgentError::Refused(format!(
+            "destination {} cannot restore lazily (its CRIU lacks userfaultfd: `criu check --feature uffd-noncoop` fails there); use --mode precopy",
+            hello.node
+        )));
+    }
     let attachment = crate::netctl::from_labels(&record.labels)?;
     let volumes = crate::volumes::from_labels(&record.labels)?;
     for (i, v) in volumes.iter().enumerate() {
@@ -239,6 +245,7 @@ pub async fn run(
         &record,
         &missing,
         &policy,
+        Strategy::new(mode, hello.lazy_pages),
         &mut peer,
         &tx,
         &mut phases,
@@ -248,12 +255,13 @@ pub async fn run(
     .await;
     let _ = std::fs::remove_dir_all(&out_dir);
     let _ = node.store.release(mid);
-    let (downtime_us, bytes_sent, pid) = match result {
+    let outcome = match result {
         Ok(v) => {
             // The source copy is gone; so go its own network namespace and its
             // anonymous volumes (named volumes stay, as volumes do).
             node.net_departed(&record.labels).await;
             crate::volumes::remove_anonymous(&node.cfg.work_dir, id);
+            let _ = std::fs::remove_file(crate::node::lazy_conf_path(&node.cfg.work_dir, id));
             if let Some(cn) = &node.cfg.container_net {
                 if let Err(e) = cn.detach(id).await {
                     warn!(error = %e, "could not remove the source container's namespace");
@@ -319,9 +327,12 @@ pub async fn run(
         destination: hello.node,
         phases,
         total_micros: start.elapsed().as_micros() as u64,
-        downtime_micros: downtime_us,
-        bytes_sent,
-        restored_pid: pid,
+        downtime_micros: outcome.downtime_us,
+        bytes_sent: outcome.bytes_sent,
+        postcopy_bytes: outcome.postcopy_bytes,
+        postcopy_micros: outcome.postcopy_micros,
+        decision: outcome.decision,
+        restored_pid: outcome.pid,
         image_blobs_sent: missing.len() as u32,
         image_blobs_skipped: (total - missing.len()) as u32,
         rounds,
@@ -355,7 +366,7 @@ impl RoundPolicy {
     /// The policy a request asks for.
     pub fn from_request(mode: MigrationMode, req: &MigrateRequest) -> Self {
         let max_rounds = match mode {
-            MigrationMode::Cold => 0,
+            MigrationMode::Cold | MigrationMode::Postcopy => 0,
             _ if req.max_rounds > 0 => req.max_rounds,
             _ => Self::MAX_ROUNDS,
         };
@@ -392,6 +403,135 @@ impl RoundPolicy {
         }
         None
     }
+}
+
+/// How a mode moves memory: in pre-copy rounds, lazily after the restore, or decided
+/// from the measured rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strategy {
+    /// Pre-copy rounds dump memory (hybrid's rounds carry only volumes: without
+    /// kernel dirty-page tracking a lazy restore cannot reuse pre-copied memory).
+    pub memory_rounds: bool,
+    pub cutover: Cutover,
+}
+
+/// The cut-over's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cutover {
+    /// Dump everything, move it, restore (the source can resume until the end).
+    Full,
+    /// Dump all but the private memory, restore, then let the destination take the
+    /// memory from the source's page server (post-copy).
+    Lazy,
+    /// Full if its estimated downtime fits the budget, else lazy ([`auto_cutover`]).
+    Auto,
+}
+
+impl Strategy {
+    /// The strategy of `mode`, given whether the destination restores lazily.
+    pub fn new(mode: MigrationMode, lazy_ok: bool) -> Self {
+        let (memory_rounds, cutover) = match mode {
+            MigrationMode::Postcopy => (false, Cutover::Lazy),
+            MigrationMode::Hybrid => (false, Cutover::Lazy),
+            MigrationMode::Auto if lazy_ok => (true, Cutover::Auto),
+            _ => (true, Cutover::Full),
+        };
+        Strategy {
+            memory_rounds,
+            cutover,
+        }
+    }
+}
+
+/// Auto mode's choice after the pre-copy rounds: a full cut-over when its estimated
+/// downtime fits `budget` (the source can then be resumed until the very end), a lazy
+/// one otherwise. The estimate comes from the last round: its dump time (the final
+/// dump writes as much), its delta at the rate the link gave it, and a restore taken
+/// as long as the dump (CRIU reads back what it wrote). The reason names the measured
+/// dirty rate and link rate. Returns (lazy, reason).
+pub fn auto_cutover(rounds: &[RoundReport], budget: std::time::Duration) -> (bool, String) {
+    let Some(last) = rounds.last() else {
+        return (true, "no pre-copy round to measure: lazy cut-over".into());
+    };
+    let secs = |us: u64| us as f64 / 1e6;
+    let link = if last.sync_micros > 0 {
+        last.delta_wire_bytes as f64 / secs(last.sync_micros)
+    } else {
+        f64::INFINITY
+    };
+    // Memory dirtied between the last two dumps.
+    let dirty = match rounds.len() {
+        n if n >= 2 => {
+            let prev = &rounds[n - 2];
+            let between = secs(prev.dump_micros + prev.chunk_micros + prev.sync_micros);
+            if between > 0.0 {
+                last.delta_raw_bytes as f64 / between
+            } else {
+                0.0
+            }
+        }
+        _ => 0.0,
+    };
+    let transfer = if link.is_finite() && link > 0.0 {
+        last.delta_wire_bytes as f64 / link
+    } else {
+        0.0
+    };
+    let est = 2.0 * secs(last.dump_micros) + transfer;
+    let mb = |b: f64| b / 1e6;
+    let facts = format!(
+        "dirty rate {:.1} MB/s, link {:.1} MB/s, estimated full cut-over {:.0} ms, budget {} ms",
+        mb(dirty),
+        if link.is_finite() { mb(link) } else { 0.0 },
+        est * 1000.0,
+        budget.as_millis()
+    );
+    if est <= budget.as_secs_f64() {
+        (false, format!("auto: full cut-over ({facts})"))
+    } else if link.is_finite() && dirty >= 0.9 * link {
+        (
+            true,
+            format!("auto: lazy cut-over, pre-copy cannot converge ({facts})"),
+        )
+    } else {
+        (true, format!("auto: lazy cut-over ({facts})"))
+    }
+}
+
+/// The page server address a lazy dump listens on: this node's advertised address and
+/// a port free right now.
+fn page_server_address(advertise: &str) -> Result<std::net::SocketAddr, AgentError> {
+    let host = advertise
+        .split("://")
+        .nth(1)
+        .unwrap_or(advertise)
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(advertise)
+        .trim_matches(['[', ']']);
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        AgentError::Refused(format!(
+            "post-copy needs this node's IP address for CRIU's page server; the advertised endpoint {advertise} has none"
+        ))
+    })?;
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| {
+        AgentError::Refused(format!("no free port on {ip} for CRIU's page server: {e}"))
+    })?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| AgentError::Refused(format!("page server address on {ip}: {e}")))?;
+    Ok(addr)
+}
+
+/// What a migration's rounds and cut-over came to.
+#[derive(Debug, Default)]
+struct Outcome {
+    downtime_us: u64,
+    bytes_sent: u64,
+    pid: u32,
+    postcopy_bytes: u64,
+    postcopy_micros: u64,
+    decision: String,
 }
 
 fn all_blobs(image: &images::ImageBlobs) -> usize {
@@ -508,12 +648,13 @@ async fn run_after_prepare(
     record: &xfer_runtime::containerd::ContainerRecord,
     missing: &[String],
     policy: &RoundPolicy,
+    strategy: Strategy,
     peer: &mut AgentClient<Channel>,
     tx: &Events,
     phases: &mut Vec<PhaseTiming>,
     rounds: &mut Vec<RoundReport>,
     out_dir: &std::path::Path,
-) -> Result<(u64, u64, u32), (Step, AgentError)> {
+) -> Result<Outcome, (Step, AgentError)> {
     let rt = &node.rt;
     let mut bytes_sent = 0u64;
 
@@ -573,13 +714,67 @@ async fn run_after_prepare(
         volumes: &moves,
         source_net: node.cfg.container_net.as_ref(),
     };
-    bytes_sent += precopy(
-        rt, peer, &chunks, mid, record, policy, out_dir, tx, phases, rounds,
+    let mut round_policy = *policy;
+    if !strategy.memory_rounds && moves.lock().await.is_empty() {
+        // Nothing to pre-copy but memory, which goes lazily.
+        round_policy.max_rounds = 0;
+    }
+    let stop = precopy(
+        rt,
+        peer,
+        &chunks,
+        mid,
+        record,
+        &round_policy,
+        strategy.memory_rounds,
+        out_dir,
+        tx,
+        phases,
+        rounds,
     )
     .await?;
-    let (downtime, wire, pid) =
-        cutover(rt, peer, &chunks, mid, record, out_dir, tx, phases, rounds).await?;
-    Ok((downtime, bytes_sent + wire, pid))
+    bytes_sent += stop.wire;
+    let (lazy, mut decision) = match strategy.cutover {
+        Cutover::Full => (false, String::new()),
+        Cutover::Lazy => (true, String::new()),
+        Cutover::Auto => auto_cutover(rounds, policy.budget),
+    };
+    if let Some(why) = stop.why {
+        decision = if decision.is_empty() {
+            format!("pre-copy stopped: {why}")
+        } else {
+            format!("pre-copy stopped: {why}; {decision}")
+        };
+    }
+    if !decision.is_empty() {
+        info!(%decision, "cut-over");
+    }
+    let lazy_at = if lazy {
+        Some(page_server_address(&node.cfg.advertise).map_err(|e| (Step::Checkpoint, e))?)
+    } else {
+        None
+    };
+    let cut = cutover(
+        rt, peer, &chunks, mid, record, lazy_at, out_dir, tx, phases, rounds,
+    )
+    .await?;
+    Ok(Outcome {
+        downtime_us: cut.downtime_us,
+        bytes_sent: bytes_sent + cut.wire,
+        pid: cut.pid,
+        postcopy_bytes: cut.postcopy_bytes,
+        postcopy_micros: cut.postcopy_micros,
+        decision,
+    })
+}
+
+/// Where pre-copy ended.
+#[derive(Debug, Default)]
+pub struct PrecopyEnd {
+    /// Bytes the destination fetched during the rounds.
+    pub wire: u64,
+    /// Why the rounds stopped (None: no rounds).
+    pub why: Option<&'static str>,
 }
 
 /// Pre-copy rounds while the task runs; returns the bytes the destination fetched.
@@ -591,28 +786,35 @@ pub async fn precopy<R: Runtime, D: Destination>(
     mid: &str,
     record: &xfer_runtime::containerd::ContainerRecord,
     policy: &RoundPolicy,
+    memory: bool,
     out_dir: &std::path::Path,
     tx: &Events,
     phases: &mut Vec<PhaseTiming>,
     rounds: &mut Vec<RoundReport>,
-) -> Result<u64, (Step, AgentError)> {
+) -> Result<PrecopyEnd, (Step, AgentError)> {
     let rt_step = |step: Step| move |source| (step, AgentError::Runtime { step, source });
     let mut prev: Option<u64> = None;
-    let mut wire_total = 0;
+    let mut end = PrecopyEnd::default();
     for round in 1..=policy.max_rounds {
         let dir = out_dir.join(format!("round-{round}"));
         let t = Instant::now();
-        rt.checkpoint(&record.id, &dir.join("criu"), &dir.join("work"))
-            .await
-            .map_err(rt_step(Step::Checkpoint))?;
+        let (dump_bytes, files) = if memory {
+            rt.checkpoint(&record.id, &dir.join("criu"), &dir.join("work"))
+                .await
+                .map_err(rt_step(Step::Checkpoint))?;
+            (
+                dir_size(&dir.join("criu")),
+                criu_files(&dir.join("criu")).map_err(|e| (Step::Transfer, e))?,
+            )
+        } else {
+            (0, Vec::new())
+        };
         let dump_time = t.elapsed();
-        let dump_bytes = dir_size(&dir.join("criu"));
-        let files = criu_files(&dir.join("criu")).map_err(|e| (Step::Transfer, e))?;
         let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, false, files)
             .await
             .map_err(|e| (Step::Transfer, e))?;
         let _ = std::fs::remove_dir_all(&dir);
-        wire_total += reply.wire_bytes;
+        end.wire += reply.wire_bytes;
         let rep = RoundReport {
             round,
             dump_micros: dump_time.as_micros() as u64,
@@ -637,11 +839,26 @@ pub async fn precopy<R: Runtime, D: Destination>(
         rounds.push(rep);
         if let Some(why) = policy.stop_after(round, reply.wire_bytes, rate, prev) {
             info!(round, delta = reply.wire_bytes, why, "pre-copy done");
+            end.why = Some(why);
             break;
         }
         prev = Some(reply.wire_bytes);
     }
-    Ok(wire_total)
+    Ok(end)
+}
+
+/// What the cut-over came to.
+#[derive(Debug, Default)]
+pub struct CutoverEnd {
+    /// Freeze -> restored task running at the destination.
+    pub downtime_us: u64,
+    /// Bytes the destination fetched in the final round.
+    pub wire: u64,
+    pub pid: u32,
+    /// Post-copy: memory the destination took from the page server, and how long from
+    /// the restore until the last page was across.
+    pub postcopy_bytes: u64,
+    pub postcopy_micros: u64,
 }
 
 /// The cut-over: freeze, dump, writable-layer diff, final sync (the destination fetches
@@ -656,11 +873,12 @@ pub async fn cutover<R: Runtime, D: Destination>(
     chunks: &ChunkSide<'_>,
     mid: &str,
     record: &xfer_runtime::containerd::ContainerRecord,
+    lazy_at: Option<std::net::SocketAddr>,
     out_dir: &std::path::Path,
     tx: &Events,
     phases: &mut Vec<PhaseTiming>,
     rounds: &mut Vec<RoundReport>,
-) -> Result<(u64, u64, u32), (Step, AgentError)> {
+) -> Result<CutoverEnd, (Step, AgentError)> {
     let id = record.id.as_str();
     let rt_step = |step: Step| move |source| (step, AgentError::Runtime { step, source });
     // Freeze: downtime starts.
@@ -668,13 +886,38 @@ pub async fn cutover<R: Runtime, D: Destination>(
     rt.pause(id).await.map_err(rt_step(Step::Freeze))?;
     emit(tx, &phase("freeze", frozen_at, 0), phases).await;
 
+    // A lazy dump keeps serving the task's memory until the destination took it; it
+    // lives outside the block below so a failure can stop it before the resume.
+    let mut lazy_dump: Option<R::Lazy> = None;
+    let mut lazy_bytes = 0u64;
     let after_freeze = async {
         let t = Instant::now();
         let criu_dir = out_dir.join("final").join("criu");
         let work_dir = out_dir.join("final").join("work");
-        rt.checkpoint(id, &criu_dir, &work_dir)
-            .await
-            .map_err(rt_step(Step::Checkpoint))?;
+        if let Some(addr) = lazy_at {
+            tokio::task::spawn_blocking(xfer_runtime::lazy::ensure_pipe_max_size)
+                .await
+                .map_err(|e| {
+                    (
+                        Step::Checkpoint,
+                        AgentError::Refused(format!("sysctl task: {e}")),
+                    )
+                })?
+                .map_err(rt_step(Step::Checkpoint))?;
+            lazy_dump = Some(
+                rt.lazy_checkpoint(id, &criu_dir, &work_dir, addr)
+                    .await
+                    .map_err(rt_step(Step::Checkpoint))?,
+            );
+            lazy_bytes = xfer_runtime::lazy::lazy_bytes(&criu_dir).unwrap_or_else(|e| {
+                warn!(error = %e, "could not count the lazy pages");
+                0
+            });
+        } else {
+            rt.checkpoint(id, &criu_dir, &work_dir)
+                .await
+                .map_err(rt_step(Step::Checkpoint))?;
+        }
         // Invariant: the task stays frozen from the freeze to the end; if the dump had
         // thawed it, the source would diverge from the copy being moved.
         let (st, _) = rt.task_state(id).await.map_err(rt_step(Step::Checkpoint))?;
@@ -749,6 +992,10 @@ pub async fn cutover<R: Runtime, D: Destination>(
                 snapshotter: record.snapshotter.clone(),
                 labels: record.labels.clone(),
                 has_rootfs_diff: true,
+                lazy: lazy_at.map(|a| LazyPages {
+                    address: a.ip().to_string(),
+                    port: u32::from(a.port()),
+                }),
             })
             .await
             .map_err(|e| (Step::Restore, e))?;
@@ -763,6 +1010,37 @@ pub async fn cutover<R: Runtime, D: Destination>(
     match after_freeze {
         Ok((wire, pid)) => {
             let downtime = frozen_at.elapsed().as_micros() as u64;
+            let mut end = CutoverEnd {
+                downtime_us: downtime,
+                wire,
+                pid,
+                ..Default::default()
+            };
+            if let Some(dump) = lazy_dump {
+                // Post-copy: the destination runs and takes the memory it lacks from
+                // our page server. The source copy must stay until the last page is
+                // across; if the transfer breaks now, the moved container cannot get
+                // its memory (CRIU's lazy restore has no way back).
+                let t = Instant::now();
+                let res = dump.finish().await;
+                end.postcopy_bytes = lazy_bytes;
+                end.postcopy_micros = t.elapsed().as_micros() as u64;
+                emit(tx, &phase("postcopy", t, lazy_bytes), phases).await;
+                if let Err(e) = res {
+                    // The destination's copy lacks memory and its agent removes it;
+                    // the source copy is consistent as of the freeze: it carries on.
+                    warn!(error = %e, "the post-copy transfer failed after the destination resumed; resuming the source");
+                    if let Err(re) = rt.resume(id).await {
+                        warn!(error = %re, "could not resume the source task");
+                    }
+                    return Err((
+                        Step::Transfer,
+                        AgentError::Refused(format!(
+                            "post-copy transfer failed after the destination resumed the container: {e}; the source copy resumed from the freeze, so what the destination did since is lost"
+                        )),
+                    ));
+                }
+            }
             // The destination runs the container: only now does the source let go.
             let t = Instant::now();
             if let Some(cn) = chunks.source_net {
@@ -773,9 +1051,13 @@ pub async fn cutover<R: Runtime, D: Destination>(
                 warn!(error = %e, "could not remove the source copy");
             }
             emit(tx, &phase("cleanup_source", t, 0), phases).await;
-            Ok((downtime, wire, pid))
+            Ok(end)
         }
         Err((step, e)) => {
+            if let Some(dump) = lazy_dump {
+                // Stop serving pages: CRIU lets go of the task, which stays frozen.
+                dump.abort().await;
+            }
             if let Err(re) = rt.resume(id).await {
                 warn!(error = %re, "could not resume the source task after a failed migration");
             } else {
@@ -832,7 +1114,7 @@ mod tests {
     /// A runtime that records calls and can fail at one of them.
     #[derive(Default)]
     struct FakeRuntime {
-        calls: Mutex<Vec<String>>,
+        calls: std::sync::Arc<Mutex<Vec<String>>>,
         fail: Option<&'static str>,
         thaw_on_dump: bool,
         paused: Mutex<bool>,
@@ -900,6 +1182,41 @@ mod tests {
         async fn remove(&self, _id: &str) -> Result<(), RuntimeError> {
             self.call("remove")
         }
+        type Lazy = FakeLazy;
+        async fn lazy_checkpoint(
+            &self,
+            _id: &str,
+            image_dir: &Path,
+            _work: &Path,
+            _listen: std::net::SocketAddr,
+        ) -> Result<FakeLazy, RuntimeError> {
+            self.call("lazy_checkpoint")?;
+            std::fs::create_dir_all(image_dir).expect("mkdir");
+            std::fs::write(image_dir.join("core-1.img"), vec![1u8; 100]).expect("write");
+            Ok(FakeLazy {
+                calls: self.calls.clone(),
+                fail: self.fail,
+            })
+        }
+    }
+
+    /// A lazy dump that records how it ended.
+    struct FakeLazy {
+        calls: std::sync::Arc<Mutex<Vec<String>>>,
+        fail: Option<&'static str>,
+    }
+
+    impl LazyTransfer for FakeLazy {
+        async fn finish(self) -> Result<(), RuntimeError> {
+            self.calls.lock().expect("lock").push("lazy_finish".into());
+            if self.fail == Some("lazy_finish") {
+                return Err(RuntimeError::Invalid("page server connection lost".into()));
+            }
+            Ok(())
+        }
+        async fn abort(self) {
+            self.calls.lock().expect("lock").push("lazy_abort".into());
+        }
     }
 
     #[derive(Default)]
@@ -907,6 +1224,7 @@ mod tests {
         fail: Option<&'static str>,
         files: Vec<String>,
         restored: bool,
+        lazy: Option<LazyPages>,
     }
 
     impl Destination for FakeDest {
@@ -922,7 +1240,8 @@ mod tests {
                 ..Default::default()
             })
         }
-        async fn restore(&mut self, _req: RestoreRequest) -> Result<RestoreReply, AgentError> {
+        async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError> {
+            self.lazy = req.lazy;
             if self.fail == Some("restore") {
                 return Err(AgentError::Refused("restore failed".into()));
             }
@@ -948,7 +1267,15 @@ mod tests {
     async fn run_cutover(
         rt: &FakeRuntime,
         dst: &mut FakeDest,
-    ) -> Result<(u64, u64, u32), (Step, AgentError)> {
+    ) -> Result<CutoverEnd, (Step, AgentError)> {
+        run_cutover_at(rt, dst, None).await
+    }
+
+    async fn run_cutover_at(
+        rt: &FakeRuntime,
+        dst: &mut FakeDest,
+        lazy_at: Option<std::net::SocketAddr>,
+    ) -> Result<CutoverEnd, (Step, AgentError)> {
         let out = tempfile::tempdir().expect("tmp");
         let store =
             std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
@@ -969,6 +1296,7 @@ mod tests {
             &chunks,
             "m1",
             &record(),
+            lazy_at,
             out.path(),
             &tx,
             &mut phases,
@@ -992,8 +1320,9 @@ mod tests {
     async fn success_removes_the_source_only_after_restore() {
         let (rt, _u) = fake_rt(None);
         let mut dst = FakeDest::default();
-        let (_, _, pid) = run_cutover(&rt, &mut dst).await.expect("cutover");
-        assert_eq!(pid, 7);
+        let end = run_cutover(&rt, &mut dst).await.expect("cutover");
+        assert_eq!(end.pid, 7);
+        assert!(dst.lazy.is_none());
         assert!(dst.restored);
         assert!(dst.files.contains(&"pages-1.img".to_string()));
         assert!(dst.files.contains(&"rootfs.tar".to_string()));
@@ -1030,6 +1359,77 @@ mod tests {
             );
             assert!(!dst.restored || dst_fail.is_some());
         }
+    }
+
+    fn page_server() -> Option<std::net::SocketAddr> {
+        Some("10.1.2.3:27000".parse().expect("addr"))
+    }
+
+    #[tokio::test]
+    async fn a_lazy_cutover_restores_first_and_removes_the_source_after_the_last_page() {
+        let (rt, _u) = fake_rt(None);
+        let mut dst = FakeDest::default();
+        run_cutover_at(&rt, &mut dst, page_server())
+            .await
+            .expect("cutover");
+        let l = dst.lazy.clone().expect("the restore was asked to be lazy");
+        assert_eq!((l.address.as_str(), l.port), ("10.1.2.3", 27000));
+        assert!(dst.files.contains(&"core-1.img".to_string()));
+        let calls = rt.calls();
+        let at = |n: &str| calls.iter().position(|c| c == n);
+        assert!(at("checkpoint").is_none(), "{calls:?}");
+        assert!(at("lazy_checkpoint") < at("lazy_finish"), "{calls:?}");
+        assert!(at("lazy_finish") < at("remove"), "{calls:?}");
+        assert!(
+            at("resume").is_none() && at("lazy_abort").is_none(),
+            "{calls:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lazy_cutover_failing_before_the_restore_stops_the_page_server_then_resumes() {
+        for (dst_fail, step) in [
+            (Some("transfer"), Step::Transfer),
+            (Some("restore"), Step::Restore),
+        ] {
+            let (rt, _u) = fake_rt(None);
+            let mut dst = FakeDest {
+                fail: dst_fail,
+                ..Default::default()
+            };
+            let (got, _) = run_cutover_at(&rt, &mut dst, page_server())
+                .await
+                .expect_err("must fail");
+            assert_eq!(got, step);
+            let calls = rt.calls();
+            let at = |n: &str| calls.iter().position(|c| c == n);
+            assert!(
+                at("lazy_abort").is_some() && at("lazy_abort") < at("resume"),
+                "{calls:?}"
+            );
+            assert!(
+                at("remove").is_none() && at("lazy_finish").is_none(),
+                "{calls:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_postcopy_transfer_resumes_the_source_and_keeps_it() {
+        let (rt, _u) = fake_rt(Some("lazy_finish"));
+        let mut dst = FakeDest::default();
+        let (step, e) = run_cutover_at(&rt, &mut dst, page_server())
+            .await
+            .expect_err("must fail");
+        assert_eq!(step, Step::Transfer);
+        assert!(e.to_string().contains("post-copy"), "{e}");
+        let calls = rt.calls();
+        assert_eq!(
+            calls.last().map(String::as_str),
+            Some("resume"),
+            "{calls:?}"
+        );
+        assert!(!calls.contains(&"remove".to_string()));
     }
 
     #[tokio::test]
@@ -1081,6 +1481,54 @@ mod policy_tests {
             RoundPolicy::from_request(MigrationMode::Precopy, &req(2, 50)).max_rounds,
             2
         );
+    }
+
+    #[test]
+    fn modes_map_to_strategies() {
+        let st = |m, ok| Strategy::new(m, ok);
+        assert_eq!(st(MigrationMode::Precopy, true).cutover, Cutover::Full);
+        assert_eq!(st(MigrationMode::Cold, true).cutover, Cutover::Full);
+        let p = st(MigrationMode::Postcopy, true);
+        assert_eq!((p.memory_rounds, p.cutover), (false, Cutover::Lazy));
+        let h = st(MigrationMode::Hybrid, true);
+        assert_eq!((h.memory_rounds, h.cutover), (false, Cutover::Lazy));
+        assert_eq!(st(MigrationMode::Auto, true).cutover, Cutover::Auto);
+        // Auto never goes lazy to a destination that cannot restore lazily.
+        assert_eq!(st(MigrationMode::Auto, false).cutover, Cutover::Full);
+        assert_eq!(
+            RoundPolicy::from_request(MigrationMode::Postcopy, &req(9, 0)).max_rounds,
+            0
+        );
+    }
+
+    fn round(dump_ms: u64, sync_ms: u64, delta: u64) -> RoundReport {
+        RoundReport {
+            dump_micros: dump_ms * 1000,
+            sync_micros: sync_ms * 1000,
+            delta_raw_bytes: delta,
+            delta_wire_bytes: delta,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn auto_goes_lazy_only_when_a_full_cutover_would_not_fit_the_budget() {
+        let budget = std::time::Duration::from_millis(100);
+        // A small task: dumps in 20 ms, 1 MB delta at 100 MB/s -> 2*20 + 10 = 50 ms.
+        let small = [round(20, 100, 10_000_000), round(20, 10, 1_000_000)];
+        let (lazy, why) = auto_cutover(&small, budget);
+        assert!(!lazy, "{why}");
+        assert!(why.contains("full cut-over"), "{why}");
+        // A big one: 400 ms dumps -> never fits 100 ms.
+        let big = [round(400, 1000, 100_000_000), round(400, 500, 50_000_000)];
+        let (lazy, why) = auto_cutover(&big, budget);
+        assert!(lazy, "{why}");
+        assert!(why.contains("dirty rate") && why.contains("link"), "{why}");
+        // Dirtying as fast as the link carries: named as not converging.
+        let hot = [round(50, 1000, 100_000_000), round(50, 1000, 100_000_000)];
+        let (lazy, why) = auto_cutover(&hot, budget);
+        assert!(lazy && why.contains("cannot converge"), "{why}");
+        assert!(auto_cutover(&[], budget).0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! destination it prepares, receives files, restores, and cleans up on abort.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -83,6 +83,11 @@ pub struct Node {
     inbound: Arc<Mutex<HashMap<String, Inbound>>>,
     /// The cluster knowledge base (issue 6): neighbours as sources of a fetch.
     kb: Option<Arc<crate::kb::Kb>>,
+}
+
+/// The CRIU configuration file of a container restored lazily on this node.
+pub fn lazy_conf_path(work_dir: &Path, id: &str) -> PathBuf {
+    work_dir.join("criu").join(format!("{id}.conf"))
 }
 
 fn refuse(msg: impl Into<String>) -> Status {
@@ -533,12 +538,26 @@ impl Node {
         };
         phases.push(phase("dst.network", t, 0));
         let t = Instant::now();
+        // A lazy restore gets its own CRIU configuration (with `lazy-pages`), put back
+        // to the host's options once the restore is done (later dumps read it too).
+        let lazy_conf = lazy_conf_path(&self.cfg.work_dir, id);
+        let criu_conf = if req.lazy.is_some() {
+            if let Err(e) =
+                xfer_runtime::containerd::write_criu_config_with(&lazy_conf, &["lazy-pages"])
+            {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(dst_err(e));
+            }
+            Some(lazy_conf.as_path())
+        } else {
+            self.cfg.host.criu_config.as_deref()
+        };
         let spec = match rewrite_spec_for_host(
             &req.spec_json,
             id,
             &self.cfg.host.namespace,
             netns.as_deref().or(self.cfg.host.netns.as_deref()),
-            self.cfg.host.criu_config.as_deref(),
+            criu_conf,
         ) {
             Ok(s) => s,
             Err(e) => {
@@ -577,8 +596,28 @@ impl Node {
                 return Err(dst_err(e));
             }
         };
-        let criu_dir = dir.join("criu");
-        let work = dir.join("restore-work");
+        let mut criu_dir = dir.join("criu");
+        let mut work = dir.join("restore-work");
+        let mut daemon = None;
+        let mut lazy_dir = None;
+        if let Some(l) = &req.lazy {
+            // The images must outlive this migration's inbound directory: the daemon
+            // reads them until the last page is across.
+            let ld = self.cfg.work_dir.join("lazy").join(&req.migration_id);
+            let started = self.start_lazy_daemon(l, &criu_dir, &ld).await;
+            match started {
+                Ok(d) => daemon = Some(d),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&ld);
+                    cleanup_all(self.clone(), id.to_string()).await;
+                    return Err(dst_err(e));
+                }
+            }
+            criu_dir = ld.join("criu");
+            work = ld.join("work");
+            lazy_dir = Some(ld);
+            phases.push(phase("dst.lazy_daemon", t, 0));
+        }
         let _ = std::fs::create_dir_all(&work);
         let pid = match self
             .rt
@@ -588,6 +627,12 @@ impl Node {
             Ok(pid) => pid,
             Err(e) => {
                 let log = xfer_runtime::containerd::criu_log_tail(&work);
+                if let Some(d) = daemon.take() {
+                    d.abort().await;
+                }
+                if let Some(ld) = &lazy_dir {
+                    let _ = std::fs::remove_dir_all(ld);
+                }
                 cleanup_all(self.clone(), id.to_string()).await;
                 return Err(dst_err(xfer_runtime::RuntimeError::Invalid(format!(
                     "{e} ({log})"
@@ -595,6 +640,12 @@ impl Node {
             }
         };
         phases.push(phase("dst.criu_restore", t, 0));
+        if let (Some(d), Some(ld)) = (daemon, lazy_dir) {
+            if let Err(e) = xfer_runtime::containerd::write_criu_config(&lazy_conf) {
+                warn!(error = %e, "could not put the container's CRIU configuration back");
+            }
+            self.watch_lazy_transfer(id, d, ld);
+        }
         if let Some(crate::netctl::Attachment::Routed {
             home,
             home_agent,
@@ -626,6 +677,69 @@ impl Node {
             }
         }
         Ok(pid)
+    }
+
+    /// Starts the lazy-pages daemon for a post-copy restore, on images moved to
+    /// `lazy_dir` (kept until the last page is across).
+    async fn start_lazy_daemon(
+        &self,
+        l: &LazyPages,
+        criu_dir: &Path,
+        lazy_dir: &Path,
+    ) -> Result<xfer_runtime::lazy::LazyPagesDaemon, xfer_runtime::RuntimeError> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| xfer_runtime::RuntimeError::Io { op, path, source }
+        };
+        let ip: std::net::IpAddr = l.address.parse().map_err(|_| {
+            xfer_runtime::RuntimeError::Invalid(format!(
+                "the source's page server address {:?} is not an IP address",
+                l.address
+            ))
+        })?;
+        let port = u16::try_from(l.port).map_err(|_| {
+            xfer_runtime::RuntimeError::Invalid(format!(
+                "page server port {} is out of range",
+                l.port
+            ))
+        })?;
+        tokio::task::spawn_blocking(xfer_runtime::lazy::ensure_pipe_max_size)
+            .await
+            .map_err(|e| xfer_runtime::RuntimeError::Invalid(format!("sysctl task: {e}")))??;
+        std::fs::create_dir_all(lazy_dir).map_err(io("create", lazy_dir))?;
+        let dst = lazy_dir.join("criu");
+        std::fs::rename(criu_dir, &dst).map_err(io("move images to", &dst))?;
+        xfer_runtime::lazy::LazyPagesDaemon::start(
+            &dst,
+            &lazy_dir.join("work"),
+            std::net::SocketAddr::new(ip, port),
+        )
+        .await
+    }
+
+    /// Follows a post-copy transfer in the background: once the daemon is done, its
+    /// images go; if it failed, the container lacks memory it can never get, so it is
+    /// removed (the source resumes its own copy).
+    fn watch_lazy_transfer(
+        &self,
+        id: &str,
+        daemon: xfer_runtime::lazy::LazyPagesDaemon,
+        lazy_dir: PathBuf,
+    ) {
+        let node = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            match daemon.finish().await {
+                Ok(took) => {
+                    info!(container = %id, ms = took.as_millis() as u64, "post-copy: every page arrived");
+                }
+                Err(e) => {
+                    warn!(container = %id, error = %e, "post-copy failed: removing the container, whose memory cannot arrive");
+                    node.discard(&id).await;
+                }
+            }
+            let _ = std::fs::remove_dir_all(&lazy_dir);
+        });
     }
 
     /// Installs the volumes a restore brings (named, anonymous, bind), skipping those
@@ -728,6 +842,7 @@ impl Node {
             warn!(container = id, error = %e, "remove container");
         }
         crate::volumes::remove_anonymous(&self.cfg.work_dir, id);
+        let _ = std::fs::remove_file(lazy_conf_path(&self.cfg.work_dir, id));
         if let Some(cn) = &self.cfg.container_net {
             if let Err(e) = cn.detach(id).await {
                 warn!(container = id, error = %e, "remove container namespace");
@@ -757,6 +872,7 @@ impl Agent for Node {
             criu_version: self.criu.version.clone(),
             criu_ok: self.criu.usable(),
             mem_dirty_track: self.criu.mem_dirty_track,
+            lazy_pages: self.criu.usable() && self.criu.lazy_pages,
             handover: self.cfg.mobility.is_some(),
             tunnel_kind: self
                 .cfg
@@ -925,6 +1041,7 @@ impl Agent for Node {
             .await
             .map_err(rt_err(Step::CleanupSource))?;
         crate::volumes::remove_anonymous(&self.cfg.work_dir, &id);
+        let _ = std::fs::remove_file(lazy_conf_path(&self.cfg.work_dir, &id));
         if let Some(cn) = &self.cfg.container_net {
             cn.detach(&id).await.map_err(|e| e.to_status())?;
         }
@@ -941,11 +1058,7 @@ impl Agent for Node {
         xfer_proto::check_version(r.version).map_err(|e| AgentError::Decode(e).to_status())?;
         let mode =
             xfer_proto::require_mode(r.mode).map_err(|e| AgentError::Decode(e).to_status())?;
-        if !matches!(mode, MigrationMode::Cold | MigrationMode::Precopy) {
-            return Err(Status::unimplemented(format!(
-                "mode {mode:?} is not implemented yet; use --mode precopy or cold"
-            )));
-        }
+        let _ = mode;
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let node = self.clone();
         let mid = uuid::Uuid::new_v4().to_string();

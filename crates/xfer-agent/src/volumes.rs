@@ -449,6 +449,11 @@ impl Moves {
         }
     }
 
+    /// Whether the container has no volumes at all.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     /// Tars of this round: every read-write volume, and the read-only ones until
     /// they were published once.
     pub fn round_files(&self, round: u32) -> Result<Vec<crate::transfer::OutFile>, AgentError> {

@@ -129,7 +129,9 @@ enum Cmd {
         #[arg(long)]
         to: String,
         /// precopy (live: rounds while it runs, then a short cut-over) | cold
-        /// (stop-and-copy); postcopy, hybrid and auto are not implemented yet.
+        /// (stop-and-copy) | postcopy (restore first, memory follows lazily from the
+        /// source) | hybrid (volumes in rounds, memory lazily) | auto (pre-copy rounds,
+        /// then a full cut-over if it fits the budget, else a lazy one).
         #[arg(long, default_value = "precopy")]
         mode: Mode,
         /// Most pre-copy rounds (default 4).
@@ -525,6 +527,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "source": report.source,
                     "destination": report.destination,
                     "mode": format!("{mode:?}").to_lowercase(),
+                    "decision": report.decision,
+                    "postcopy_bytes": report.postcopy_bytes,
+                    "postcopy_ms": report.postcopy_micros as f64 / 1000.0,
                     "phases": phases,
                     "total_ms": report.total_micros as f64 / 1000.0,
                     "downtime_ms": report.downtime_micros as f64 / 1000.0,
@@ -566,6 +571,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             src.source, src.chunks, src.wire_bytes
                         );
                     }
+                }
+                if !report.decision.is_empty() {
+                    println!("  cut-over: {}", report.decision);
+                }
+                if report.postcopy_micros > 0 {
+                    println!(
+                        "  post-copy: {} B of memory taken lazily in {:.1} ms after the restore",
+                        report.postcopy_bytes,
+                        report.postcopy_micros as f64 / 1000.0
+                    );
                 }
                 println!(
                     "done: total {:.1} ms, downtime {:.1} ms, {} bytes on the wire, image blobs sent {} / skipped {}, restored pid {}",

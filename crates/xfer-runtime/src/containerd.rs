@@ -74,6 +74,13 @@ pub struct HostConfig {
     pub criu_config: Option<PathBuf>,
 }
 
+impl HostConfig {
+    /// Where containerd's runc shim keeps this host's runc state.
+    pub fn runc_root(&self) -> PathBuf {
+        Path::new("/run/containerd/runc").join(&self.namespace)
+    }
+}
+
 /// The spec annotation through which runc hands CRIU a configuration file.
 pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 
@@ -87,6 +94,17 @@ pub const CRIU_CONFIG: &str = "tcp-established\nskip-in-flight\n";
 
 /// Writes [`CRIU_CONFIG`] to `path`.
 pub fn write_criu_config(path: &Path) -> Result<(), RuntimeError> {
+    write_criu_config_with(path, &[])
+}
+
+/// Writes [`CRIU_CONFIG`] plus `extra` options (one per line, e.g. `lazy-pages` for a
+/// post-copy restore) to `path`.
+pub fn write_criu_config_with(path: &Path, extra: &[&str]) -> Result<(), RuntimeError> {
+    let mut text = CRIU_CONFIG.to_string();
+    for o in extra {
+        text.push_str(o);
+        text.push('\n');
+    }
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(|source| RuntimeError::Io {
             op: "create directory",
@@ -94,7 +112,7 @@ pub fn write_criu_config(path: &Path) -> Result<(), RuntimeError> {
             source,
         })?;
     }
-    std::fs::write(path, CRIU_CONFIG).map_err(|source| RuntimeError::Io {
+    std::fs::write(path, text).map_err(|source| RuntimeError::Io {
         op: "write CRIU configuration",
         path: path.to_path_buf(),
         source,
@@ -181,6 +199,36 @@ pub trait Runtime {
     async fn upper_dir(&self, record: &ContainerRecord) -> Result<PathBuf, RuntimeError>;
     /// Kill and delete the task, the container and its snapshot.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// A lazy dump in progress (post-copy).
+    type Lazy: LazyTransfer;
+    /// Dumps everything but the task's private memory into `image_dir` and serves that
+    /// memory on `listen` (CRIU page server) until a destination took it all; returns
+    /// once CRIU is ready. The task stays in place (still frozen if it was paused).
+    async fn lazy_checkpoint(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        work_dir: &Path,
+        listen: std::net::SocketAddr,
+    ) -> Result<Self::Lazy, RuntimeError>;
+}
+
+/// The source's side of a post-copy transfer, once its dump is ready.
+#[allow(async_fn_in_trait)]
+pub trait LazyTransfer {
+    /// Waits until the destination has taken every page.
+    async fn finish(self) -> Result<(), RuntimeError>;
+    /// Stops serving pages; the task carries on where it was, memory intact.
+    async fn abort(self);
+}
+
+impl LazyTransfer for crate::lazy::LazyDump {
+    async fn finish(self) -> Result<(), RuntimeError> {
+        crate::lazy::LazyDump::finish(self).await
+    }
+    async fn abort(self) {
+        crate::lazy::LazyDump::abort(self).await
+    }
 }
 
 /// containerd, through containerd-client.
@@ -666,6 +714,18 @@ impl Runtime for Containerd {
                 record.snapshot_key, record.id
             ))
         })
+    }
+
+    type Lazy = crate::lazy::LazyDump;
+
+    async fn lazy_checkpoint(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        work_dir: &Path,
+        listen: std::net::SocketAddr,
+    ) -> Result<Self::Lazy, RuntimeError> {
+        crate::lazy::LazyDump::start(&self.cfg.runc_root(), id, image_dir, work_dir, listen).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {

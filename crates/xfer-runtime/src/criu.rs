@@ -16,6 +16,9 @@ pub struct CriuFacts {
     pub version_ok: bool,
     pub check_ok: bool,
     pub mem_dirty_track: bool,
+    /// Whether CRIU can restore lazily here (userfaultfd, non-cooperative events):
+    /// post-copy needs it on the destination.
+    pub lazy_pages: bool,
 }
 
 impl CriuFacts {
@@ -61,11 +64,13 @@ pub fn probe() -> Result<CriuFacts, RuntimeError> {
     let version_ok = parsed.is_some_and(|(a, b, _)| (a, b) >= MIN_VERSION);
     let (check_ok, _) = run(&["check"])?;
     let (mem_dirty_track, _) = run(&["check", "--feature", "mem_dirty_track"])?;
+    let (uffd, _) = run(&["check", "--feature", "uffd-noncoop"])?;
     Ok(CriuFacts {
         version,
         version_ok,
         check_ok,
         mem_dirty_track,
+        lazy_pages: uffd,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod criu;
 pub mod daemon;
 pub mod error;
 pub mod image;
+pub mod lazy;
 pub mod rootfs;
 pub mod unixsock;
 
