@@ -760,7 +760,8 @@ async fn run_after_prepare(
     .await?;
     Ok(Outcome {
         downtime_us: cut.downtime_us,
-        bytes_sent: bytes_sent + cut.wire,
+        // Lazy memory crosses the link too (raw, from the page server).
+        bytes_sent: bytes_sent + cut.wire + cut.postcopy_bytes,
         pid: cut.pid,
         postcopy_bytes: cut.postcopy_bytes,
         postcopy_micros: cut.postcopy_micros,

@@ -73,6 +73,7 @@ fn spawn_err(program: &str) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ 
 pub struct LazyDump {
     child: Child,
     work_dir: PathBuf,
+    runc_root: PathBuf,
     id: String,
     /// How long CRIU took to be ready (everything but lazy memory dumped).
     pub ready_after: Duration,
@@ -146,6 +147,7 @@ impl LazyDump {
         let mut dump = LazyDump {
             child,
             work_dir: work_dir.to_path_buf(),
+            runc_root: runc_root.to_path_buf(),
             id: id.to_string(),
             ready_after: Duration::ZERO,
         };
@@ -210,11 +212,29 @@ impl LazyDump {
         }
     }
 
-    /// Stops serving pages: CRIU lets go of the task, which carries on where it was
-    /// (still frozen if it was paused) with its memory intact.
+    /// Stops serving pages: CRIU lets go of the task, memory intact. CRIU thaws the
+    /// cgroup it seized through, so the task is frozen again here: containerd still
+    /// holds it paused, and its resume must find it so.
     pub async fn abort(mut self) {
         kill_group(&self.child);
         let _ = self.child.wait().await;
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(["pause", &self.id])
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => tracing::warn!(
+                id = %self.id,
+                stderr = %String::from_utf8_lossy(&o.stderr).trim(),
+                "runc pause after an aborted lazy dump"
+            ),
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %e, "runc pause after an aborted lazy dump")
+            }
+        }
     }
 }
 
