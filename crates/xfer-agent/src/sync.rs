@@ -68,26 +68,25 @@ pub fn publish(
     let mut out = Vec::with_capacity(files.len());
     let mut stats = Published::default();
     let mut ids: Vec<Digest> = Vec::new();
+    // One batch for the whole round: one commit (and its fsyncs), not one per file
+    // (a CRIU image directory has ~30 files).
+    let mut batch = store.batch();
     for f in files {
         let kind = object_kind(f.kind, &f.name);
         let mode = std::fs::metadata(&f.path)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
             .unwrap_or(0o600);
         let t = std::time::Instant::now();
-        let mut batch = store.batch();
         let res = pipeline.run_file(&f.path, kind, store, |c| {
             batch.put_compressed(c.id, &c.frame, c.raw_len)?;
             Ok::<_, xfer_store::StoreError>(())
         });
         let res = res.map_err(store_err("chunk a file"))?;
-        let chunked = t.elapsed();
-        batch.commit().map_err(store_err("commit chunks"))?;
         debug!(
             file = %f.name,
             bytes = res.manifest.length(),
             new_chunks = res.new_chunks,
-            chunk_ms = chunked.as_secs_f64() * 1000.0,
-            commit_ms = (t.elapsed() - chunked).as_secs_f64() * 1000.0,
+            chunk_ms = t.elapsed().as_secs_f64() * 1000.0,
             "published"
         );
         stats.raw_bytes += res.manifest.length();
@@ -101,6 +100,12 @@ pub fn publish(
             mode,
         });
     }
+    let t = std::time::Instant::now();
+    batch.commit().map_err(store_err("commit chunks"))?;
+    debug!(
+        ms = t.elapsed().as_secs_f64() * 1000.0,
+        "round's chunks committed"
+    );
     let t = std::time::Instant::now();
     // In memory only: the caller persists it (`Store::persist_lease`) while the
     // destination fetches.
@@ -201,9 +206,11 @@ pub fn rebuild(
         let n = if patched {
             o.manifest.length()
         } else {
+            // Migration scratch (CRIU images, tars installed from here): verified,
+            // not fsynced; volumes get their own fsync when installed.
             let n = o
                 .manifest
-                .rebuild_file(store, &path)
+                .rebuild_scratch_file(store, &path)
                 .map_err(store_err("rebuild a file"))?;
             debug!(file = %o.name, ms = t.elapsed().as_secs_f64() * 1000.0, bytes = n, "rebuilt");
             n

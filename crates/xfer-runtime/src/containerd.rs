@@ -573,15 +573,24 @@ impl Containerd {
             signal: libc::SIGKILL as u32,
             all: true,
         })?);
-        let (w, k) = futures::join!(tokio::time::timeout(Duration::from_secs(10), wait), kill);
+        // A paused task cannot exit: thaw it (after the kill, so it never runs on) so
+        // the SIGKILL lands, while the wait is already under way.
+        let paused = state == TaskState::Paused || state == TaskState::Pausing;
+        let kill_then_thaw = async {
+            let k = kill.await;
+            if paused {
+                let _ = self.resume(id).await;
+            }
+            k
+        };
+        let (w, k) = futures::join!(
+            tokio::time::timeout(Duration::from_secs(10), wait),
+            kill_then_thaw
+        );
         if let Err(s) = k {
             if s.code() != Code::NotFound {
                 return Err(status(format!("kill task {id}"))(s));
             }
-        }
-        // A paused task cannot exit: thaw it so the SIGKILL lands.
-        if state == TaskState::Paused || state == TaskState::Pausing {
-            let _ = self.resume(id).await;
         }
         match w {
             Ok(Ok(_)) => Ok(()),

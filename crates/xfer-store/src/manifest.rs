@@ -427,6 +427,26 @@ impl Manifest {
         src: &S,
         path: &Path,
     ) -> Result<u64, StoreError> {
+        self.rebuild_file_with(src, path, true)
+    }
+
+    /// [`Manifest::rebuild_file`] for scratch files that need not survive a crash
+    /// (a migration's CRIU images: a crash fails the migration anyway): verified and
+    /// renamed into place the same way, without the two fsyncs (~2-6 ms each here).
+    pub fn rebuild_scratch_file<S: ChunkSource + ?Sized>(
+        &self,
+        src: &S,
+        path: &Path,
+    ) -> Result<u64, StoreError> {
+        self.rebuild_file_with(src, path, false)
+    }
+
+    fn rebuild_file_with<S: ChunkSource + ?Sized>(
+        &self,
+        src: &S,
+        path: &Path,
+        durable: bool,
+    ) -> Result<u64, StoreError> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
@@ -444,9 +464,13 @@ impl Manifest {
             let f = w
                 .into_inner()
                 .map_err(|e| StoreError::Write(e.into_error()))?;
-            f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+            if durable {
+                f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+            }
             std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
-            crate::sys::fsync_dir(dir)?;
+            if durable {
+                crate::sys::fsync_dir(dir)?;
+            }
             Ok(n)
         })();
         if result.is_err() {

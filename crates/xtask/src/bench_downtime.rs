@@ -70,11 +70,11 @@ pub struct DowntimeArgs {
     /// Links to measure: unshaped (the veth, faster than 1 Gbit/s), 1gbit, 100mbit.
     #[arg(long, value_delimiter = ',', default_value = "unshaped,1gbit,100mbit")]
     pub links: Vec<String>,
-    /// Methods: precopy, cold (xfer), podman, floor.
+    /// Methods: precopy, postcopy, hybrid, auto, cold (xfer), podman, floor.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "precopy,cold,podman,floor"
+        default_value = "precopy,postcopy,hybrid,auto,cold,podman,floor"
     )]
     pub methods: Vec<String>,
     /// Pause between the load generator's requests, µs.
@@ -196,8 +196,10 @@ fn has(args: &DowntimeArgs, method: &str) -> bool {
 
 fn bench(args: &DowntimeArgs, tl: &mut Timeline) -> Result<()> {
     for m in &args.methods {
-        if !["precopy", "cold", "podman", "floor"].contains(&m.trim()) {
-            bail!("unknown method {m:?} (precopy, cold, podman, floor)");
+        let known = report::XFER_MODES.iter().any(|(x, _)| *x == m.trim())
+            || ["podman", "floor"].contains(&m.trim());
+        if !known {
+            bail!("unknown method {m:?} (precopy, postcopy, hybrid, auto, cold, podman, floor)");
         }
     }
     let links = args
@@ -324,7 +326,7 @@ fn bench(args: &DowntimeArgs, tl: &mut Timeline) -> Result<()> {
             }
         }
         for &link in &usable {
-            for mode in ["precopy", "cold"] {
+            for (mode, _) in report::XFER_MODES {
                 check_interrupted()?;
                 if !has(args, mode) {
                     continue;

@@ -16,8 +16,11 @@ struct Bar {
     s: Summary,
 }
 
-const SERIES: [(&str, RGBColor); 4] = [
+const SERIES: [(&str, RGBColor); 7] = [
     ("xfer pre-copy", RGBColor(31, 119, 180)),
+    ("xfer post-copy", RGBColor(44, 160, 44)),
+    ("xfer hybrid", RGBColor(152, 223, 138)),
+    ("xfer auto", RGBColor(148, 103, 189)),
     ("xfer cold", RGBColor(108, 174, 222)),
     ("Podman checkpoint/copy/restore", RGBColor(214, 39, 40)),
     (
@@ -31,30 +34,30 @@ fn bars(r: &Results) -> (Vec<String>, Vec<Bar>) {
     let mut out = Vec::new();
     let floor = Summary::of(&r.floor.iter().map(|s| s.total_ms).collect::<Vec<_>>());
     for &link in &r.links {
-        let pre = Summary::of(
-            &r.xfer_of(link, "precopy")
-                .iter()
-                .map(|s| s.load.max_gap_ms)
-                .collect::<Vec<_>>(),
-        );
-        let cold = Summary::of(
-            &r.xfer_of(link, "cold")
-                .iter()
-                .map(|s| s.load.max_gap_ms)
-                .collect::<Vec<_>>(),
-        );
+        let modes: Vec<Option<Summary>> = super::report::XFER_MODES
+            .iter()
+            .map(|(m, _)| {
+                Summary::of(
+                    &r.xfer_of(link, m)
+                        .iter()
+                        .map(|s| s.load.max_gap_ms)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
         let pod = Summary::of(
             &r.podman_of(link)
                 .iter()
                 .map(|s| s.load.max_gap_ms)
                 .collect::<Vec<_>>(),
         );
-        if pre.is_none() && cold.is_none() && pod.is_none() {
+        if modes.iter().all(Option::is_none) && pod.is_none() {
             continue;
         }
         let g = groups.len();
         groups.push(link.label().to_string());
-        for (i, s) in [pre, cold, pod, floor].into_iter().enumerate() {
+        let series = modes.into_iter().chain([pod, floor]);
+        for (i, s) in series.enumerate() {
             if let Some(s) = s {
                 out.push(Bar {
                     group: g,
