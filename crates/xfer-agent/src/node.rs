@@ -485,138 +485,181 @@ impl Node {
             )
         };
         let id = req.container_id.as_str();
-        let t = Instant::now();
-        let chain = match chain_id {
-            Some(c) => c,
-            None => {
-                let manifest =
-                    manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
-                images::ensure_image(&self.rt, &image_name, &manifest)
-                    .await
-                    .map_err(dst_err)?
+        // A lazy restore's page daemon starts while the container is prepared (it
+        // only needs the images, complete since the final sync).
+        let lazy_dir = req
+            .lazy
+            .as_ref()
+            .map(|_| self.cfg.work_dir.join("lazy").join(&req.migration_id));
+        let lazy_start = async {
+            match (&req.lazy, &lazy_dir) {
+                (Some(l), Some(ld)) => {
+                    let t = Instant::now();
+                    Some((
+                        self.start_lazy_daemon(l, &dir.join("criu"), ld).await,
+                        t.elapsed(),
+                    ))
+                }
+                _ => None,
             }
         };
-        phases.push(phase("dst.image", t, 0));
+        let prepare = async {
+            let t = Instant::now();
+            let chain = match chain_id {
+                Some(c) => c,
+                None => {
+                    let manifest =
+                        manifest.ok_or_else(|| refuse("prepare carried no image manifest"))?;
+                    images::ensure_image(&self.rt, &image_name, &manifest)
+                        .await
+                        .map_err(dst_err)?
+                }
+            };
+            phases.push(phase("dst.image", t, 0));
 
-        let t = Instant::now();
-        self.rt
-            .prepare_snapshot(id, &chain, Some(&lease))
-            .await
-            .map_err(dst_err)?;
+            let t = Instant::now();
+            self.rt
+                .prepare_snapshot(id, &chain, Some(&lease))
+                .await
+                .map_err(dst_err)?;
+            let cleanup_all = |node: Node, id: String| async move {
+                node.discard(&id).await;
+            };
+            if req.has_rootfs_diff {
+                let diff = files
+                    .iter()
+                    .find(|f| f.kind == FileKind::RootfsDiff)
+                    .ok_or_else(|| {
+                        refuse("restore wants a writable-layer diff that was not sent")
+                    })?;
+                if let Err(e) = images::apply_diff(&self.rt, &lease, id, &diff.path).await {
+                    cleanup_all(self.clone(), id.to_string()).await;
+                    return Err(dst_err(e));
+                }
+            }
+            phases.push(phase("dst.rootfs", t, 0));
+
+            let volume_sources =
+                match self.install_volumes(id, &req.labels, &files, &present, phases) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        cleanup_all(self.clone(), id.to_string()).await;
+                        return Err(e.to_status());
+                    }
+                };
+
+            let t = Instant::now();
+            // A container with its own address gets the same namespace and address here.
+            let (netns, attachment) = match self.attach_from_labels(id, &req.labels).await {
+                Ok(Some((p, a))) => (Some(p), Some(a)),
+                Ok(None) => (None, None),
+                Err(e) => {
+                    cleanup_all(self.clone(), id.to_string()).await;
+                    return Err(e.to_status());
+                }
+            };
+            phases.push(phase("dst.network", t, 0));
+            // A lazy restore gets its own CRIU configuration (with `lazy-pages`), put back
+            // to the host's options once the restore is done (later dumps read it too).
+            let lazy_conf = lazy_conf_path(&self.cfg.work_dir, id);
+            let criu_conf = if req.lazy.is_some() {
+                if let Err(e) =
+                    xfer_runtime::containerd::write_criu_config_with(&lazy_conf, &["lazy-pages"])
+                {
+                    cleanup_all(self.clone(), id.to_string()).await;
+                    return Err(dst_err(e));
+                }
+                Some(lazy_conf.as_path())
+            } else {
+                self.cfg.host.criu_config.as_deref()
+            };
+            let spec = match rewrite_spec_for_host(
+                &req.spec_json,
+                id,
+                &self.cfg.host.namespace,
+                netns.as_deref().or(self.cfg.host.netns.as_deref()),
+                criu_conf,
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    cleanup_all(self.clone(), id.to_string()).await;
+                    return Err(dst_err(e));
+                }
+            };
+            let spec =
+                match crate::volumes::rewrite_mounts(&spec, &volume_sources.0, &volume_sources.1) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        cleanup_all(self.clone(), id.to_string()).await;
+                        return Err(e.to_status());
+                    }
+                };
+            let record = xfer_runtime::containerd::ContainerRecord {
+                id: id.to_string(),
+                image: image_name.clone(),
+                snapshotter: self.cfg.host.snapshotter.clone(),
+                snapshot_key: id.to_string(),
+                labels: req.labels.clone(),
+                spec_json: spec,
+            };
+            if let Err(e) = self.rt.create_container(&record).await {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(dst_err(e));
+            }
+            if inject == "restore" {
+                cleanup_all(self.clone(), id.to_string()).await;
+                return Err(refuse("injected failure at the restore step (test hook)"));
+            }
+            let mounts = match self.rt.rootfs_mounts(id).await {
+                Ok(m) => m,
+                Err(e) => {
+                    cleanup_all(self.clone(), id.to_string()).await;
+                    return Err(dst_err(e));
+                }
+            };
+            Ok::<_, Status>((mounts, attachment, lazy_conf))
+        };
+        let (prepared, lazy_started) = tokio::join!(prepare, lazy_start);
+        let daemon_failed = |ld: &Option<PathBuf>| {
+            if let Some(ld) = ld {
+                let _ = std::fs::remove_dir_all(ld);
+            }
+        };
+        let (mounts, attachment, lazy_conf) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some((Ok(d), _)) = lazy_started {
+                    d.abort().await;
+                }
+                daemon_failed(&lazy_dir);
+                return Err(e);
+            }
+        };
         let cleanup_all = |node: Node, id: String| async move {
             node.discard(&id).await;
         };
-        if req.has_rootfs_diff {
-            let diff = files
-                .iter()
-                .find(|f| f.kind == FileKind::RootfsDiff)
-                .ok_or_else(|| refuse("restore wants a writable-layer diff that was not sent"))?;
-            if let Err(e) = images::apply_diff(&self.rt, &lease, id, &diff.path).await {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(dst_err(e));
-            }
-        }
-        phases.push(phase("dst.rootfs", t, 0));
-
-        let volume_sources = match self.install_volumes(id, &req.labels, &files, &present, phases) {
-            Ok(v) => v,
-            Err(e) => {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(e.to_status());
-            }
-        };
-
         let t = Instant::now();
-        // A container with its own address gets the same namespace and address here.
-        let (netns, attachment) = match self.attach_from_labels(id, &req.labels).await {
-            Ok(Some((p, a))) => (Some(p), Some(a)),
-            Ok(None) => (None, None),
-            Err(e) => {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(e.to_status());
-            }
-        };
-        phases.push(phase("dst.network", t, 0));
-        let t = Instant::now();
-        // A lazy restore gets its own CRIU configuration (with `lazy-pages`), put back
-        // to the host's options once the restore is done (later dumps read it too).
-        let lazy_conf = lazy_conf_path(&self.cfg.work_dir, id);
-        let criu_conf = if req.lazy.is_some() {
-            if let Err(e) =
-                xfer_runtime::containerd::write_criu_config_with(&lazy_conf, &["lazy-pages"])
-            {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(dst_err(e));
-            }
-            Some(lazy_conf.as_path())
-        } else {
-            self.cfg.host.criu_config.as_deref()
-        };
-        let spec = match rewrite_spec_for_host(
-            &req.spec_json,
-            id,
-            &self.cfg.host.namespace,
-            netns.as_deref().or(self.cfg.host.netns.as_deref()),
-            criu_conf,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(dst_err(e));
-            }
-        };
-        let spec = match crate::volumes::rewrite_mounts(&spec, &volume_sources.0, &volume_sources.1)
-        {
-            Ok(s) => s,
-            Err(e) => {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(e.to_status());
-            }
-        };
-        let record = xfer_runtime::containerd::ContainerRecord {
-            id: id.to_string(),
-            image: image_name.clone(),
-            snapshotter: self.cfg.host.snapshotter.clone(),
-            snapshot_key: id.to_string(),
-            labels: req.labels.clone(),
-            spec_json: spec,
-        };
-        if let Err(e) = self.rt.create_container(&record).await {
-            cleanup_all(self.clone(), id.to_string()).await;
-            return Err(dst_err(e));
-        }
-        if inject == "restore" {
-            cleanup_all(self.clone(), id.to_string()).await;
-            return Err(refuse("injected failure at the restore step (test hook)"));
-        }
-        let mounts = match self.rt.rootfs_mounts(id).await {
-            Ok(m) => m,
-            Err(e) => {
-                cleanup_all(self.clone(), id.to_string()).await;
-                return Err(dst_err(e));
-            }
-        };
         let mut criu_dir = dir.join("criu");
         let mut work = dir.join("restore-work");
         let mut daemon = None;
-        let mut lazy_dir = None;
-        if let Some(l) = &req.lazy {
+        if let (Some((started, took)), Some(ld)) = (lazy_started, &lazy_dir) {
             // The images must outlive this migration's inbound directory: the daemon
             // reads them until the last page is across.
-            let ld = self.cfg.work_dir.join("lazy").join(&req.migration_id);
-            let started = self.start_lazy_daemon(l, &criu_dir, &ld).await;
             match started {
                 Ok(d) => daemon = Some(d),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&ld);
+                    daemon_failed(&lazy_dir);
                     cleanup_all(self.clone(), id.to_string()).await;
                     return Err(dst_err(e));
                 }
             }
             criu_dir = ld.join("criu");
             work = ld.join("work");
-            lazy_dir = Some(ld);
-            phases.push(phase("dst.lazy_daemon", t, 0));
+            phases.push(PhaseTiming {
+                name: "dst.lazy_daemon (beside the above)".into(),
+                micros: took.as_micros() as u64,
+                bytes: 0,
+            });
         }
         let _ = std::fs::create_dir_all(&work);
         let pid = match self
