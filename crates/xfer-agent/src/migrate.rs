@@ -546,6 +546,8 @@ pub trait Destination {
     async fn sync(&mut self, req: SyncRequest) -> Result<SyncReply, AgentError>;
     /// Asks the destination to restore; returns its reply (pid, phases).
     async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError>;
+    /// Streams whole files (no chunking): for a lazy cut-over's few small images.
+    async fn put_files(&mut self, mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError>;
 }
 
 impl Destination for AgentClient<Channel> {
@@ -557,6 +559,10 @@ impl Destination for AgentClient<Channel> {
                 step: Step::Transfer,
                 status,
             })
+    }
+
+    async fn put_files(&mut self, mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError> {
+        send_files(self, mid, files).await
     }
 
     async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError> {
@@ -848,6 +854,9 @@ pub async fn precopy<R: Runtime, D: Destination>(
     Ok(end)
 }
 
+/// A lazy cut-over's writable-layer diff up to this size goes whole with the images.
+const DIRECT_DIFF_MAX: u64 = 4 << 20;
+
 /// What the cut-over came to.
 #[derive(Debug, Default)]
 pub struct CutoverEnd {
@@ -962,26 +971,67 @@ pub async fn cutover<R: Runtime, D: Destination>(
 
         let t = Instant::now();
         let mut files = criu_files(&criu_dir).map_err(|e| (Step::Transfer, e))?;
-        files.push(OutFile {
+        let diff = OutFile {
             kind: FileKind::RootfsDiff,
             name: "rootfs.tar".into(),
             path: diff_path,
-        });
+        };
         let round = rounds.len() as u32 + 1;
-        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, true, files)
-            .await
-            .map_err(|e| (Step::Transfer, e))?;
-        rounds.push(RoundReport {
+        let mut report = RoundReport {
             round,
             dump_micros: dump_time.as_micros() as u64,
-            chunk_micros: chunk_time.as_micros() as u64,
-            sync_micros: reply.fetch_micros + reply.rebuild_micros,
             dump_bytes,
-            delta_raw_bytes: reply.raw_bytes,
-            delta_wire_bytes: reply.wire_bytes,
-            sources: reply.sources.clone(),
-        });
-        emit(tx, &phase("transfer", t, reply.wire_bytes), phases).await;
+            ..Default::default()
+        };
+        // A lazy dump leaves a few small images (no private memory): they go whole in
+        // one stream, cheaper than chunking, announcing and fetching ~30 files. The
+        // chunked sync remains for what can be large: the volumes' final delta and a
+        // big writable-layer diff.
+        let mut sync_files = Vec::new();
+        if lazy_at.is_some() {
+            let small_diff = summary.tar_bytes <= DIRECT_DIFF_MAX;
+            if small_diff {
+                files.push(diff);
+            } else {
+                sync_files.push(diff);
+            }
+            let direct_bytes: u64 = files
+                .iter()
+                .filter_map(|f| std::fs::metadata(&f.path).ok())
+                .map(|m| m.len())
+                .sum();
+            let ts = Instant::now();
+            let sent = dst
+                .put_files(mid, files)
+                .await
+                .map_err(|e| (Step::Transfer, e))?;
+            report.sync_micros += ts.elapsed().as_micros() as u64;
+            report.delta_raw_bytes += direct_bytes;
+            report.delta_wire_bytes += sent.wire_bytes;
+            report.sources.push(SourceBytes {
+                source: "source".into(),
+                chunks: 0,
+                wire_bytes: sent.wire_bytes,
+            });
+        } else {
+            files.push(diff);
+            sync_files = files;
+        }
+        let has_volumes = !chunks.volumes.lock().await.is_empty();
+        if !sync_files.is_empty() || has_volumes {
+            let (chunk_time, _, reply) =
+                publish_and_sync(chunks, dst, mid, round, true, sync_files)
+                    .await
+                    .map_err(|e| (Step::Transfer, e))?;
+            report.chunk_micros += chunk_time.as_micros() as u64;
+            report.sync_micros += reply.fetch_micros + reply.rebuild_micros;
+            report.delta_raw_bytes += reply.raw_bytes;
+            report.delta_wire_bytes += reply.wire_bytes;
+            report.sources.extend(reply.sources.clone());
+        }
+        let final_wire = report.delta_wire_bytes;
+        rounds.push(report);
+        emit(tx, &phase("transfer", t, final_wire), phases).await;
 
         let t = Instant::now();
         let restored = dst
@@ -1004,7 +1054,7 @@ pub async fn cutover<R: Runtime, D: Destination>(
         for p in &restored.phases {
             emit(tx, p, phases).await;
         }
-        Ok::<_, (Step, AgentError)>((reply.wire_bytes, restored.pid))
+        Ok::<_, (Step, AgentError)>((final_wire, restored.pid))
     }
     .await;
 
@@ -1226,6 +1276,8 @@ mod tests {
         files: Vec<String>,
         restored: bool,
         lazy: Option<LazyPages>,
+        /// Files streamed whole (a lazy cut-over's images).
+        direct: Vec<String>,
     }
 
     impl Destination for FakeDest {
@@ -1241,6 +1293,18 @@ mod tests {
                 ..Default::default()
             })
         }
+        async fn put_files(&mut self, _mid: &str, files: Vec<OutFile>) -> Result<Sent, AgentError> {
+            if self.fail == Some("transfer") {
+                return Err(AgentError::Refused("link cut".into()));
+            }
+            self.direct.extend(files.iter().map(|f| f.name.clone()));
+            Ok(Sent {
+                files: files.len() as u64,
+                raw_bytes: 1,
+                wire_bytes: 1,
+            })
+        }
+
         async fn restore(&mut self, req: RestoreRequest) -> Result<RestoreReply, AgentError> {
             self.lazy = req.lazy;
             if self.fail == Some("restore") {
@@ -1375,7 +1439,10 @@ mod tests {
             .expect("cutover");
         let l = dst.lazy.clone().expect("the restore was asked to be lazy");
         assert_eq!((l.address.as_str(), l.port), ("10.1.2.3", 27000));
-        assert!(dst.files.contains(&"core-1.img".to_string()));
+        // The few small images and the small diff go whole; nothing needs a sync.
+        assert!(dst.direct.contains(&"core-1.img".to_string()));
+        assert!(dst.direct.contains(&"rootfs.tar".to_string()));
+        assert!(dst.files.is_empty(), "{:?}", dst.files);
         let calls = rt.calls();
         let at = |n: &str| calls.iter().position(|c| c == n);
         assert!(at("checkpoint").is_none(), "{calls:?}");
