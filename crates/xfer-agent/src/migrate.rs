@@ -987,47 +987,48 @@ pub async fn cutover<R: Runtime, D: Destination>(
         // one stream, cheaper than chunking, announcing and fetching ~30 files. The
         // chunked sync remains for what can be large: the volumes' final delta and a
         // big writable-layer diff.
+        // The final sync comes first, also when it carries nothing: it is where the
+        // destination drops files of earlier rounds that this dump does not have.
+        let mut direct = Vec::new();
         let mut sync_files = Vec::new();
         if lazy_at.is_some() {
-            let small_diff = summary.tar_bytes <= DIRECT_DIFF_MAX;
-            if small_diff {
+            if summary.tar_bytes <= DIRECT_DIFF_MAX {
                 files.push(diff);
             } else {
                 sync_files.push(diff);
             }
-            let direct_bytes: u64 = files
+            direct = files;
+        } else {
+            files.push(diff);
+            sync_files = files;
+        }
+        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, true, sync_files)
+            .await
+            .map_err(|e| (Step::Transfer, e))?;
+        report.chunk_micros += chunk_time.as_micros() as u64;
+        report.sync_micros += reply.fetch_micros + reply.rebuild_micros;
+        report.delta_raw_bytes += reply.raw_bytes;
+        report.delta_wire_bytes += reply.wire_bytes;
+        report.sources.extend(reply.sources.clone());
+        if !direct.is_empty() {
+            let direct_bytes: u64 = direct
                 .iter()
                 .filter_map(|f| std::fs::metadata(&f.path).ok())
                 .map(|m| m.len())
                 .sum();
             let ts = Instant::now();
             let sent = dst
-                .put_files(mid, files)
+                .put_files(mid, direct)
                 .await
                 .map_err(|e| (Step::Transfer, e))?;
             report.sync_micros += ts.elapsed().as_micros() as u64;
             report.delta_raw_bytes += direct_bytes;
             report.delta_wire_bytes += sent.wire_bytes;
             report.sources.push(SourceBytes {
-                source: "source".into(),
+                source: "source (whole files)".into(),
                 chunks: 0,
                 wire_bytes: sent.wire_bytes,
             });
-        } else {
-            files.push(diff);
-            sync_files = files;
-        }
-        let has_volumes = !chunks.volumes.lock().await.is_empty();
-        if !sync_files.is_empty() || has_volumes {
-            let (chunk_time, _, reply) =
-                publish_and_sync(chunks, dst, mid, round, true, sync_files)
-                    .await
-                    .map_err(|e| (Step::Transfer, e))?;
-            report.chunk_micros += chunk_time.as_micros() as u64;
-            report.sync_micros += reply.fetch_micros + reply.rebuild_micros;
-            report.delta_raw_bytes += reply.raw_bytes;
-            report.delta_wire_bytes += reply.wire_bytes;
-            report.sources.extend(reply.sources.clone());
         }
         let final_wire = report.delta_wire_bytes;
         rounds.push(report);
@@ -1439,7 +1440,8 @@ mod tests {
             .expect("cutover");
         let l = dst.lazy.clone().expect("the restore was asked to be lazy");
         assert_eq!((l.address.as_str(), l.port), ("10.1.2.3", 27000));
-        // The few small images and the small diff go whole; nothing needs a sync.
+        // The few small images and the small diff go whole; the (empty) final sync
+        // carries nothing.
         assert!(dst.direct.contains(&"core-1.img".to_string()));
         assert!(dst.direct.contains(&"rootfs.tar".to_string()));
         assert!(dst.files.is_empty(), "{:?}", dst.files);

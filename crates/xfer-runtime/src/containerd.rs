@@ -90,7 +90,7 @@ pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 /// not yet accepted): without it a service that clients keep connecting to cannot be
 /// dumped at all ("In-flight connection"); with it those clients retransmit their SYN
 /// and reach the restored listener.
-pub const CRIU_CONFIG: &str = "tcp-established\nskip-in-flight\n";
+pub const CRIU_CONFIG: &str = "tcp-established\nskip-in-flight\nnetwork-lock nftables\n";
 
 /// Writes [`CRIU_CONFIG`] to `path`.
 pub fn write_criu_config(path: &Path) -> Result<(), RuntimeError> {
