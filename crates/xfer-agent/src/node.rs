@@ -239,6 +239,11 @@ impl Node {
         let _ = std::fs::remove_dir_all(&inb.dir);
     }
 
+    /// What this node's CRIU can do.
+    pub fn criu(&self) -> &CriuFacts {
+        &self.criu
+    }
+
     /// The chunk store.
     pub fn store(&self) -> &Arc<xfer_store::Store> {
         &self.store
@@ -563,9 +568,10 @@ impl Node {
             // to the host's options once the restore is done (later dumps read it too).
             let lazy_conf = lazy_conf_path(&self.cfg.work_dir, id);
             let criu_conf = if req.lazy.is_some() {
-                if let Err(e) =
-                    xfer_runtime::containerd::write_criu_config_with(&lazy_conf, &["lazy-pages"])
-                {
+                if let Err(e) = xfer_runtime::containerd::write_criu_config_with(
+                    &lazy_conf,
+                    &self.criu.config_extras(&["lazy-pages"]),
+                ) {
                     cleanup_all(self.clone(), id.to_string()).await;
                     return Err(dst_err(e));
                 }
@@ -684,7 +690,8 @@ impl Node {
         };
         phases.push(phase("dst.criu_restore", t, 0));
         if let (Some(d), Some(ld)) = (daemon, lazy_dir) {
-            if let Err(e) = xfer_runtime::containerd::write_criu_config(&lazy_conf) {
+            let base = self.criu.config_extras(&[]);
+            if let Err(e) = xfer_runtime::containerd::write_criu_config_with(&lazy_conf, &base) {
                 warn!(error = %e, "could not put the container's CRIU configuration back");
             }
             self.watch_lazy_transfer(id, d, ld);

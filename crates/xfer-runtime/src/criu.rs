@@ -19,9 +19,22 @@ pub struct CriuFacts {
     /// Whether CRIU can restore lazily here (userfaultfd, non-cooperative events):
     /// post-copy needs it on the destination.
     pub lazy_pages: bool,
+    /// Whether CRIU can lock the network with nftables (built with libnftables).
+    pub nftables_lock: bool,
 }
 
 impl CriuFacts {
+    /// The options xfer's CRIU configuration file adds to
+    /// [`crate::containerd::CRIU_CONFIG`] on this host, then `more`.
+    pub fn config_extras(&self, more: &[&'static str]) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.nftables_lock {
+            v.push(crate::containerd::NFTABLES_LOCK);
+        }
+        v.extend_from_slice(more);
+        v
+    }
+
     /// Whether this CRIU can checkpoint and restore containers here.
     pub fn usable(&self) -> bool {
         self.version_ok && self.check_ok
@@ -65,18 +78,38 @@ pub fn probe() -> Result<CriuFacts, RuntimeError> {
     let (check_ok, _) = run(&["check"])?;
     let (mem_dirty_track, _) = run(&["check", "--feature", "mem_dirty_track"])?;
     let (uffd, _) = run(&["check", "--feature", "uffd-noncoop"])?;
+    let (nftables_lock, _) = run(&["check", "--network-lock", "nftables"])?;
     Ok(CriuFacts {
         version,
         version_ok,
         check_ok,
         mem_dirty_track,
         lazy_pages: uffd,
+        nftables_lock,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_locks_with_nftables_only_where_criu_can() {
+        let mut f = CriuFacts {
+            version: "4.2.1".into(),
+            version_ok: true,
+            check_ok: true,
+            mem_dirty_track: false,
+            lazy_pages: true,
+            nftables_lock: true,
+        };
+        assert_eq!(
+            f.config_extras(&["lazy-pages"]),
+            vec!["network-lock nftables", "lazy-pages"]
+        );
+        f.nftables_lock = false;
+        assert_eq!(f.config_extras(&[]), Vec::<&str>::new());
+    }
 
     #[test]
     fn versions_parse() {

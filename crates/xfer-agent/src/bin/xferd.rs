@@ -184,9 +184,7 @@ async fn run() -> anyhow::Result<()> {
         Some(t) if !args.insecure => Some(t.server_config().context("load TLS files")?),
         _ => None,
     };
-    if let Some(c) = &cfg.host.criu_config {
-        xfer_runtime::containerd::write_criu_config(c).context("write the CRIU configuration")?;
-    }
+    let criu_config = cfg.host.criu_config.clone();
     let node = Node::new(cfg).await.with_context(|| {
         format!(
             "start node {} on containerd {}",
@@ -194,6 +192,12 @@ async fn run() -> anyhow::Result<()> {
             args.containerd.display()
         )
     })?;
+    if let Some(c) = &criu_config {
+        let extras = node.criu().config_extras(&[]);
+        xfer_runtime::containerd::write_criu_config_with(c, &extras)
+            .context("write the CRIU configuration")?;
+        tracing::info!(options = ?extras, "CRIU configuration written");
+    }
     let node = match &args.kb_config {
         Some(path) => {
             let kcfg = xfer_agent::kb::KbConfig::load(path)?;
