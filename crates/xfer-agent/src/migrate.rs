@@ -355,6 +355,10 @@ pub async fn run(
 pub struct RoundPolicy {
     pub max_rounds: u32,
     pub budget: std::time::Duration,
+    /// Auto mode: stop as soon as a full cut-over cannot fit the budget whatever the
+    /// delta (the dump alone, written then read back, takes longer): the cut-over
+    /// goes lazy, and more memory rounds would only stall the task again.
+    pub lazy_fallback: bool,
 }
 
 impl RoundPolicy {
@@ -378,7 +382,14 @@ impl RoundPolicy {
         RoundPolicy {
             max_rounds,
             budget: std::time::Duration::from_millis(u64::from(ms)),
+            lazy_fallback: false,
         }
+    }
+
+    /// Whether a round whose dump took `dump` shows that no full cut-over can fit the
+    /// budget (see [`RoundPolicy::lazy_fallback`]).
+    pub fn full_cutover_hopeless(&self, dump: std::time::Duration) -> bool {
+        self.lazy_fallback && 2 * dump > self.budget
     }
 
     /// Whether to stop after a round whose delta was `delta` bytes fetched at
@@ -479,9 +490,13 @@ pub fn auto_cutover(rounds: &[RoundReport], budget: std::time::Duration) -> (boo
     };
     let est = 2.0 * secs(last.dump_micros) + transfer;
     let mb = |b: f64| b / 1e6;
+    let dirty_txt = if rounds.len() >= 2 {
+        format!("dirty rate {:.1} MB/s", mb(dirty))
+    } else {
+        "dirty rate not measured (one round)".to_string()
+    };
     let facts = format!(
-        "dirty rate {:.1} MB/s, link {:.1} MB/s, estimated full cut-over {:.0} ms, budget {} ms",
-        mb(dirty),
+        "{dirty_txt}, link {:.1} MB/s, estimated full cut-over {:.0} ms, budget {} ms",
         if link.is_finite() { mb(link) } else { 0.0 },
         est * 1000.0,
         budget.as_millis()
@@ -721,6 +736,7 @@ async fn run_after_prepare(
         source_net: node.cfg.container_net.as_ref(),
     };
     let mut round_policy = *policy;
+    round_policy.lazy_fallback = strategy.cutover == Cutover::Auto;
     if !strategy.memory_rounds && moves.lock().await.is_empty() {
         // Nothing to pre-copy but memory, which goes lazily.
         round_policy.max_rounds = 0;
@@ -844,6 +860,12 @@ pub async fn precopy<R: Runtime, D: Destination>(
             f64::INFINITY
         };
         rounds.push(rep);
+        if memory && policy.full_cutover_hopeless(dump_time) {
+            let why = "a full cut-over cannot fit the budget (its dump alone takes longer)";
+            info!(round, why, "pre-copy done");
+            end.why = Some(why);
+            break;
+        }
         if let Some(why) = policy.stop_after(round, reply.wire_bytes, rate, prev) {
             info!(round, delta = reply.wire_bytes, why, "pre-copy done");
             end.why = Some(why);
@@ -1599,6 +1621,16 @@ mod policy_tests {
         let (lazy, why) = auto_cutover(&hot, budget);
         assert!(lazy && why.contains("cannot converge"), "{why}");
         assert!(auto_cutover(&[], budget).0);
+    }
+
+    #[test]
+    fn auto_stops_rounds_once_a_full_cutover_cannot_fit() {
+        let mut p = RoundPolicy::from_request(MigrationMode::Auto, &req(4, 100));
+        let ms = std::time::Duration::from_millis;
+        assert!(!p.full_cutover_hopeless(ms(400)), "only auto stops early");
+        p.lazy_fallback = true;
+        assert!(p.full_cutover_hopeless(ms(60)));
+        assert!(!p.full_cutover_hopeless(ms(40)));
     }
 
     #[test]
