@@ -1,4 +1,5 @@
 use super::*;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 fn open() -> (tempfile::TempDir, Store) {
@@ -36,6 +37,28 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Applies `f` to the bytes of chunk `id`'s frame in its pack file; returns them.
+fn damage(s: &Store, id: &Digest, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let (path, off, len) = s.locate(id).expect("located");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open pack");
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, off).expect("read frame");
+    f(&mut bytes);
+    file.write_all_at(&bytes, off).expect("write frame");
+    bytes
+}
+
+/// Pack files of a store directory.
+fn packs(dir: &Path) -> Vec<PathBuf> {
+    let mut v = files_under(&dir.join("packs"));
+    v.sort();
+    v
+}
+
 fn no_gc_age() -> GcPolicy {
     GcPolicy {
         max_bytes: None,
@@ -62,9 +85,10 @@ fn put_get_round_trip_and_stats() {
     let (f, raw_len) = s.get_compressed(&id).expect("get_compressed");
     assert_eq!(raw_len, a.len());
     assert_eq!(crate::frame::decode(&f, raw_len).expect("decode"), a);
-    // The stored file is exactly the frame.
-    let path = s.chunk_path(&id, a.len() as u32);
-    assert_eq!(fs::read(&path).expect("read"), f);
+    // The pack holds exactly the frame where the index says.
+    let (path, off, len) = s.locate(&id).expect("located");
+    let pack = fs::read(&path).expect("read");
+    assert_eq!(&pack[off as usize..off as usize + len], &f[..]);
     // Putting again changes nothing.
     assert_eq!(s.put(&a).expect("put"), id);
     assert!(!s.put_compressed(id, &f, raw_len).expect("put_compressed"));
@@ -120,7 +144,8 @@ fn put_compressed_verifies_before_commit() {
         Err(StoreError::FrameSize { .. })
     ));
     assert_eq!(s.stats().chunks, 0);
-    assert!(files_under(&d.path().join("chunks")).is_empty());
+    assert_eq!(s.stats().pack_bytes, pack::HEADER_LEN, "nothing written");
+    let _ = &d;
     assert!(s.put_compressed(Digest::of(&a), &fa, a.len()).expect("put"));
     assert_eq!(s.get(&Digest::of(&a)).expect("get"), a);
 }
@@ -130,11 +155,10 @@ fn a_flipped_byte_is_detected_quarantined_reported_missing_and_healed() {
     let (d, s) = open();
     let a = chunk(4, 20_000);
     let id = s.put(&a).expect("put");
-    let path = s.chunk_path(&id, a.len() as u32);
-    let mut bytes = fs::read(&path).expect("read");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    fs::write(&path, &bytes).expect("corrupt");
+    let bytes = damage(&s, &id, |b| {
+        let mid = b.len() / 2;
+        b[mid] ^= 0x01;
+    });
 
     let err = s.get(&id).expect_err("corrupt chunk served");
     assert_eq!(err.missing_chunk(), Some(id));
@@ -147,7 +171,6 @@ fn a_flipped_byte_is_detected_quarantined_reported_missing_and_healed() {
     };
     assert!(q.starts_with(d.path().join("quarantine")));
     assert_eq!(fs::read(&q).expect("quarantined copy"), bytes);
-    assert!(!path.exists());
     assert!(!s.has(&id));
     assert_eq!(s.stats().chunks, 0);
     assert_eq!(s.stats().quarantined, 1);
@@ -162,25 +185,29 @@ fn a_flipped_byte_is_detected_quarantined_reported_missing_and_healed() {
     assert_eq!(s.get(&id).expect("healed"), a);
     assert_eq!(s.purge_quarantine().expect("purge"), 1);
     assert_eq!(s.stats().quarantined, 0);
+    // The removal was committed: a reopen does not bring the corrupt record back.
+    let b = chunk(5, 20_000);
+    let ib = s.put(&b).expect("put");
+    damage(&s, &ib, |x| x[0] ^= 0x80);
+    assert!(s.get(&ib).is_err());
+    drop(s);
+    let s = Store::open(d.path()).expect("reopen");
+    assert!(!s.has(&ib));
+    assert_eq!(s.get(&id).expect("healed copy survives"), a);
 }
 
 #[test]
-fn truncated_or_deleted_files_are_missing() {
+fn a_pack_cut_short_behind_the_stores_back_reports_missing() {
     let (_d, s) = open();
     let a = chunk(5, 9000);
-    let b = chunk(6, 9000);
     let ia = s.put(&a).expect("put");
-    let ib = s.put(&b).expect("put");
-    let pa = s.chunk_path(&ia, 9000);
-    let len = fs::metadata(&pa).expect("stat").len();
+    let (path, off, _) = s.locate(&ia).expect("located");
     fs::OpenOptions::new()
         .write(true)
-        .open(&pa)
-        .and_then(|f| f.set_len(len / 2))
+        .open(&path)
+        .and_then(|f| f.set_len(off + 10))
         .expect("truncate");
-    assert_eq!(s.get(&ia).expect_err("truncated").missing_chunk(), Some(ia));
-    fs::remove_file(s.chunk_path(&ib, 9000)).expect("rm");
-    let err = s.get(&ib).expect_err("deleted");
+    let err = s.get(&ia).expect_err("truncated");
     assert!(matches!(
         err,
         StoreError::Missing {
@@ -188,7 +215,7 @@ fn truncated_or_deleted_files_are_missing() {
             ..
         }
     ));
-    assert!(!s.has(&ib));
+    assert!(!s.has(&ia));
 }
 
 #[test]
@@ -254,7 +281,13 @@ fn leases_keep_chunks_through_gc_and_expired_ones_do_not() {
         })
         .expect("gc");
     assert_eq!(r.removed.len(), 3);
-    assert_eq!(s.stats(), Stats::default());
+    assert_eq!(
+        Stats {
+            pack_bytes: 0,
+            ..s.stats()
+        },
+        Stats::default()
+    );
 }
 
 #[test]
@@ -328,9 +361,8 @@ fn reopen_keeps_index_and_leases_and_cleans_temporaries() {
         (ids, s.stats())
     };
     // A crash mid-write leaves temporaries; open removes them.
-    let stray = dir.path().join("chunks/00/.tmp-deadbeef-1-2");
+    let stray = dir.path().join("leases/.tmp-x.lease-1-1");
     fs::write(&stray, b"partial").expect("stray");
-    fs::write(dir.path().join("leases/.tmp-x.lease-1-1"), b"partial").expect("stray");
 
     let s = Store::open(dir.path()).expect("reopen");
     assert!(!stray.exists());
@@ -361,6 +393,18 @@ fn reopen_keeps_index_and_leases_and_cleans_temporaries() {
 
 #[test]
 fn open_refuses_other_layouts_and_corrupt_leases() {
+    // A store of layout 1 (one file per chunk) is refused with a clear error.
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("LAYOUT"), "xfer-store 1\n").expect("write");
+    fs::create_dir_all(dir.path().join("chunks/ab")).expect("mkdir");
+    let err = Store::open(dir.path()).expect_err("old layout");
+    assert!(err.to_string().contains("xfer-store 1"), "{err}");
+    fs::remove_file(dir.path().join("LAYOUT")).expect("rm");
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::Layout { .. })
+    ));
+
     let dir = tempfile::tempdir().expect("tempdir");
     fs::write(dir.path().join("LAYOUT"), "xfer-store 99\n").expect("write");
     assert!(matches!(
@@ -409,10 +453,8 @@ fn batches_commit_together_and_clean_up_when_dropped() {
         assert_eq!(b.len(), 10);
         assert!(!s.has(&Digest::of(&datas[0])), "visible before commit");
     }
-    assert!(
-        files_under(&d.path().join("chunks")).is_empty(),
-        "temporaries left"
-    );
+    assert_eq!(s.stats().pack_bytes, pack::HEADER_LEN, "dropped batch written");
+    assert_eq!(s.stats().chunks, 0);
 
     let mut b = s.batch();
     for x in &datas {
@@ -426,7 +468,7 @@ fn batches_commit_together_and_clean_up_when_dropped() {
     for x in &datas {
         assert_eq!(&s.get(&Digest::of(x)).expect("get"), x);
     }
-    assert_eq!(files_under(&d.path().join("chunks")).len(), 50);
+    assert_eq!(packs(d.path()).len(), 1);
 }
 
 #[test]
@@ -493,13 +535,13 @@ fn concurrent_writers_of_same_and_different_chunks_leave_a_consistent_store() {
         for (id, x) in &own {
             assert_eq!(&s.get(id).expect("own"), x);
         }
-        let files = files_under(&dir.path().join("chunks"));
-        assert_eq!(files.len(), shared.len() + own.len(), "{files:?}");
-        let stored: u64 = files
+        let files = packs(dir.path());
+        let on_disk: u64 = files
             .iter()
             .map(|p| fs::metadata(p).expect("stat").len())
             .sum();
-        assert_eq!(s.stats().stored_bytes, stored);
+        assert_eq!(s.stats().pack_bytes, on_disk);
+        assert!(s.stats().stored_bytes < on_disk);
     };
     check(&s);
     drop(s);
@@ -540,8 +582,13 @@ fn gc_concurrent_with_writers_never_indexes_a_missing_file() {
     for id in s.ids() {
         s.get(&id).expect("indexed chunk readable");
     }
-    let files = files_under(&dir.path().join("chunks")).len() as u64;
-    assert_eq!(files, s.stats().chunks);
+    let n = s.stats().chunks;
+    drop(s);
+    let s = Store::open(dir.path()).expect("reopen");
+    assert_eq!(s.stats().chunks, n);
+    for id in s.ids() {
+        s.get(&id).expect("indexed chunk readable after reopen");
+    }
 }
 
 #[test]
