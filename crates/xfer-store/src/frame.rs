@@ -132,7 +132,23 @@ pub fn decode(frame: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
             )))
         }
     }
-    let out = zstd::bulk::decompress(frame, raw_len).map_err(StoreError::Decompress)?;
+    // One decompression context per thread: creating one per call (what
+    // `zstd::bulk::decompress` does) cost more than decoding a 4 KiB page.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let out = DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(frame, raw_len),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    });
+    let out = out.map_err(StoreError::Decompress)?;
     if out.len() != raw_len {
         return Err(StoreError::FrameSize {
             got: out.len(),
