@@ -407,7 +407,11 @@ fn check_lease_name(name: &str) -> Result<(), StoreError> {
 /// Parses `<8 lower-case hex>.pack`.
 fn parse_pack_name(name: &str) -> Option<u32> {
     let hex = name.strip_suffix(".pack")?;
-    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 8
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     u32::from_str_radix(hex, 16).ok()
@@ -699,10 +703,13 @@ impl Store {
 
     /// Seals the active pack and starts the next one.
     fn roll(&self, active: &mut Active) -> Result<(), StoreError> {
-        let seq = active
-            .seq
-            .checked_add(1)
-            .ok_or_else(|| StoreError::io("create", &self.packs_dir, std::io::Error::other("pack sequence exhausted")))?;
+        let seq = active.seq.checked_add(1).ok_or_else(|| {
+            StoreError::io(
+                "create",
+                &self.packs_dir,
+                std::io::Error::other("pack sequence exhausted"),
+            )
+        })?;
         let file = Arc::new(create_pack(&self.packs_dir, seq)?);
         self.write_index().packs.insert(
             seq,
@@ -736,7 +743,11 @@ impl Store {
         let mut idx = self.write_index();
         if let Some(p) = idx.packs.get_mut(&seq) {
             p.len = active.len;
-            p.tombs.extend(removed.iter().map(|&(id, pack, offset)| Tomb { id, pack, offset }));
+            p.tombs.extend(
+                removed
+                    .iter()
+                    .map(|&(id, pack, offset)| Tomb { id, pack, offset }),
+            );
         }
         Ok(())
     }
@@ -771,7 +782,13 @@ impl Store {
                         quarantined: None,
                     });
                 };
-                (Arc::clone(&p.file), e.pack, e.offset, e.raw_len, e.stored_len)
+                (
+                    Arc::clone(&p.file),
+                    e.pack,
+                    e.offset,
+                    e.raw_len,
+                    e.stored_len,
+                )
             };
             let mut buf = vec![0u8; stored_len as usize];
             let read = file.read_exact_at(&mut buf, offset);
@@ -997,7 +1014,6 @@ impl Store {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
-
 
     /// Garbage collection; see the module docs for the order. Safe to run while other
     /// threads read and write.
@@ -1448,7 +1464,6 @@ fn decode_lease(b: &[u8]) -> Result<Lease, &'static str> {
         ids: ids.into_iter().collect(),
     })
 }
-
 
 /// Writes collected by [`Store::batch`]: each `put` verifies (or compresses) the chunk
 /// and adds its record to a buffer in memory; [`Batch::commit`] appends them all to

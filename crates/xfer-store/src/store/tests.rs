@@ -453,7 +453,11 @@ fn batches_commit_together_and_clean_up_when_dropped() {
         assert_eq!(b.len(), 10);
         assert!(!s.has(&Digest::of(&datas[0])), "visible before commit");
     }
-    assert_eq!(s.stats().pack_bytes, pack::HEADER_LEN, "dropped batch written");
+    assert_eq!(
+        s.stats().pack_bytes,
+        pack::HEADER_LEN,
+        "dropped batch written"
+    );
     assert_eq!(s.stats().chunks, 0);
 
     let mut b = s.batch();
