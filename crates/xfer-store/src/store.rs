@@ -231,6 +231,18 @@ struct PackMeta {
     tombs: Vec<Tomb>,
 }
 
+impl PackMeta {
+    /// A pack of `len` committed bytes, nothing indexed in it yet.
+    fn new(file: &Arc<File>, len: u64) -> Self {
+        PackMeta {
+            file: Arc::clone(file),
+            len,
+            live: 0,
+            tombs: Vec::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Index {
     map: FastMap<Digest, Entry>,
@@ -711,15 +723,9 @@ impl Store {
             )
         })?;
         let file = Arc::new(create_pack(&self.packs_dir, seq)?);
-        self.write_index().packs.insert(
-            seq,
-            PackMeta {
-                file: Arc::clone(&file),
-                len: HEADER_LEN,
-                live: 0,
-                tombs: Vec::new(),
-            },
-        );
+        self.write_index()
+            .packs
+            .insert(seq, PackMeta::new(&file, HEADER_LEN));
         *active = Active {
             seq,
             file,
@@ -1325,15 +1331,7 @@ fn load_packs(packs_dir: &Path, quarantine_dir: &Path) -> Result<(Index, Active)
                 len: scan.valid_len,
             });
         }
-        idx.packs.insert(
-            seq,
-            PackMeta {
-                file,
-                len: scan.valid_len,
-                live: 0,
-                tombs: Vec::new(),
-            },
-        );
+        idx.packs.insert(seq, PackMeta::new(&file, scan.valid_len));
         idx.apply(seq, &scan.found);
     }
     let active = match active {
@@ -1341,15 +1339,7 @@ fn load_packs(packs_dir: &Path, quarantine_dir: &Path) -> Result<(Index, Active)
         None => {
             let seq = idx.packs.keys().next_back().map_or(1, |s| s + 1);
             let file = Arc::new(create_pack(packs_dir, seq)?);
-            idx.packs.insert(
-                seq,
-                PackMeta {
-                    file: Arc::clone(&file),
-                    len: HEADER_LEN,
-                    live: 0,
-                    tombs: Vec::new(),
-                },
-            );
+            idx.packs.insert(seq, PackMeta::new(&file, HEADER_LEN));
             Active {
                 seq,
                 file,

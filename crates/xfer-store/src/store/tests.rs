@@ -59,6 +59,27 @@ fn packs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Runs GC with a cap of 0 on another thread until the flag is set.
+fn gc_in_a_loop(
+    s: &Arc<Store>,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, flag) = (Arc::clone(s), Arc::clone(&stop));
+    let gc = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            s.gc(&GcPolicy {
+                max_bytes: Some(0),
+                ..no_gc_age()
+            })
+            .expect("gc");
+        }
+    });
+    (stop, gc)
+}
+
 fn no_gc_age() -> GcPolicy {
     GcPolicy {
         max_bytes: None,
@@ -557,19 +578,7 @@ fn gc_concurrent_with_writers_never_indexes_a_missing_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Arc::new(Store::open(dir.path()).expect("open"));
     let data: Vec<Vec<u8>> = (0..16).map(|i| chunk(900 + i, 2000)).collect();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gc = {
-        let (s, stop) = (Arc::clone(&s), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                s.gc(&GcPolicy {
-                    max_bytes: Some(0),
-                    ..no_gc_age()
-                })
-                .expect("gc");
-            }
-        })
-    };
+    let (stop, gc) = gc_in_a_loop(&s);
     for round in 0..3 {
         let mut b = s.batch();
         for x in &data {
@@ -770,19 +779,7 @@ fn concurrent_readers_writers_and_compaction_agree_with_a_reopen() {
     let keep_ids: Vec<Digest> = keep.iter().map(|x| Digest::of(x)).collect();
     s.lease("keep", Duration::from_secs(3600), &keep_ids)
         .expect("lease");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gc = {
-        let (s, stop) = (Arc::clone(&s), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                s.gc(&GcPolicy {
-                    max_bytes: Some(0),
-                    ..no_gc_age()
-                })
-                .expect("gc");
-            }
-        })
-    };
+    let (stop, gc) = gc_in_a_loop(&s);
     let writers: Vec<_> = (0..3u32)
         .map(|t| {
             let s = Arc::clone(&s);
