@@ -16,9 +16,18 @@
 //! stream them while the rest of the object is still being chunked.
 //!
 //! Incompressible chunks skip zstd (see [`crate::frame`]); zero chunks are neither
-//! hashed (their id is a constant) nor compressed.
+//! hashed (their id is a constant) nor compressed. The full pages of a batch are
+//! hashed 16 at a time, one page per SIMD lane (`crate::pagehash`): hashing pages
+//! one by one left most lanes idle. [`Pipeline::run_file`] maps a page image instead
+//! of reading it (no copy through the reading thread).
 //!
 //! # Throughput (`examples/bench_pipeline.rs`, 2026-11-22, this project's 2-core VM)
+//!
+//! Latest (branch `pack`, bench/results/chunks.md): on the same kind of 400 MB redis
+//! dump the pipeline does 690-714 MB per CPU-second (500 before the 16-page hashing,
+//! the mapping and exact-size frames), i.e. ~1.3-1.4 GB/s if both cores are its own;
+//! measured wall rates were 498-956 MB/s under a load average of 3-7. The figures
+//! below are the earlier ones.
 //!
 //! A 400.4 MB CRIU page image of redis-server holding 1M keys of 256 B (ratio 18.8 at
 //! zstd level 1), after the workers took over the whole-object hash (wall figures on a
