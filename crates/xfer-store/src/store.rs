@@ -496,16 +496,13 @@ impl Store {
             crate::sys::fsync_dir(&dir)?;
         }
 
-        let q = fs::read_dir(&quarantine_dir)
-            .map_err(|e| StoreError::io("read dir", &quarantine_dir, e))?
-            .count() as u64;
         let (index, active) = load_packs(&packs_dir, &quarantine_dir)?;
         let store = Store {
             index: RwLock::new(index),
             active: Mutex::new(active),
             leases: Mutex::new(Leases::default()),
             lease_files: Mutex::new(()),
-            quarantined: AtomicU64::new(q),
+            quarantined: AtomicU64::new(0),
             pack_max: pack_max.max(HEADER_LEN + 1),
             dir,
             packs_dir,
@@ -890,6 +887,7 @@ impl Store {
             pending: Vec::new(),
             ids: FastSet::default(),
             committed: 0,
+            flush_failed: false,
         }
     }
 
@@ -1127,7 +1125,9 @@ impl Store {
             let idx = self.read_index();
             idx.packs
                 .iter()
-                .filter(|(seq, p)| **seq != active && p.live * 2 < p.len - HEADER_LEN)
+                .filter(|(seq, p)| {
+                    **seq != active && (p.live == 0 || p.live * 2 < p.len - HEADER_LEN)
+                })
                 .map(|(seq, _)| *seq)
                 .collect()
         };
@@ -1469,6 +1469,9 @@ pub struct Batch<'a> {
     pending: Vec<(Digest, u64, u32, u32)>,
     ids: FastSet<Digest>,
     committed: usize,
+    /// An automatic flush failed: the chunks it held are lost, so the batch must not
+    /// report success at commit.
+    flush_failed: bool,
 }
 
 impl std::fmt::Debug for Batch<'_> {
@@ -1515,7 +1518,10 @@ impl Batch<'_> {
         self.pending
             .push((id, at, raw_len, frame_bytes.len() as u32));
         if self.recs.buf.len() >= BATCH_FLUSH {
-            self.flush()?;
+            if let Err(e) = self.flush() {
+                self.flush_failed = true;
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -1566,8 +1572,17 @@ impl Batch<'_> {
 
     /// Makes every chunk of the batch durable and visible; returns how many were
     /// written (including those an 8 MiB flush committed earlier).
+    /// If an automatic flush failed earlier, the chunks it held were not stored and
+    /// this returns an error (after storing what is still pending).
     pub fn commit(mut self) -> Result<usize, StoreError> {
         self.flush()?;
+        if self.flush_failed {
+            return Err(StoreError::io(
+                "commit",
+                &self.store.packs_dir,
+                std::io::Error::other("an earlier flush of this batch failed"),
+            ));
+        }
         Ok(self.committed)
     }
 }

@@ -896,3 +896,25 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_large_batch_commits_in_slices_and_counts_them_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let datas: Vec<Vec<u8>> = (0..2500).map(|i| chunk(9000 + i, 8192)).collect();
+    {
+        let s = Store::open(dir.path()).expect("open");
+        let mut b = s.batch();
+        for x in &datas {
+            b.put(x).expect("put");
+        }
+        // More than BATCH_FLUSH of records: some are already committed.
+        assert!(s.stats().chunks > 0 && (s.stats().chunks as usize) < datas.len());
+        assert_eq!(b.commit().expect("commit"), datas.len());
+        assert_eq!(s.stats().chunks as usize, datas.len());
+    }
+    let s = Store::open(dir.path()).expect("reopen");
+    for x in datas.iter().step_by(97) {
+        assert_eq!(&s.get(&Digest::of(x)).expect("get"), x);
+    }
+    assert_eq!(s.stats().chunks as usize, datas.len());
+}
