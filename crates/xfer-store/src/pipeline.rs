@@ -24,7 +24,7 @@
 //! # Throughput (`examples/bench_pipeline.rs`, 2026-11-22, this project's 2-core VM)
 //!
 //! Latest (branch `pack`, bench/results/chunks.md): on the same kind of 400 MB redis
-//! dump the pipeline does 690-714 MB per CPU-second (500 before the 16-page hashing,
+//! dump the pipeline does 690-727 MB per CPU-second (500 before the 16-page hashing,
 //! the mapping and exact-size frames), i.e. ~1.3-1.4 GB/s if both cores are its own;
 //! measured wall rates were 498-956 MB/s under a load average of 3-7. The figures
 //! below are the earlier ones.
