@@ -4,7 +4,6 @@
 
 // Inside `mod chunks` so that `cargo test -p xfer-agent chunks` selects these tests.
 mod chunks {
-    use std::path::{Path, PathBuf};
     use std::sync::Arc;
 
     use tokio_stream::wrappers::TcpListenerStream;
@@ -41,25 +40,20 @@ mod chunks {
         addr
     }
 
-    /// The file of chunk `id` under the store's directory.
-    fn chunk_file(dir: &Path, id: &Digest) -> Option<PathBuf> {
-        let hex = id.to_hex();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).ok()?.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&hex))
-                {
-                    return Some(p);
-                }
-            }
-        }
-        None
+    /// Flips a byte in the middle of chunk `id`'s frame in its pack file.
+    fn rot(store: &Store, id: &Digest) {
+        use std::os::unix::fs::FileExt;
+        let (path, off, len) = store.locate(id).expect("chunk located");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open pack");
+        let at = off + len as u64 / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        b[0] ^= 0xff;
+        f.write_all_at(&b, at).expect("write");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,11 +76,7 @@ mod chunks {
         }
         // Two chunks rot on the peer's disk: it must not serve them.
         for id in &ids[10..12] {
-            let f = chunk_file(&peer_dir, id).expect("chunk file");
-            let mut bytes = std::fs::read(&f).expect("read");
-            let mid = bytes.len() / 2;
-            bytes[mid] ^= 0xff;
-            std::fs::write(&f, bytes).expect("write");
+            rot(&peer, id);
         }
         // dest already holds a few.
         for b in &blobs[..5] {

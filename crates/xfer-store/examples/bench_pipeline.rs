@@ -434,7 +434,7 @@ fn bench(
     }
     let chunks = reopen.first().map(|r| r.1).unwrap_or(0);
     println!(
-        "store reopen (index rebuilt from {chunks} chunk files): median {:.0} ms",
+        "store reopen (index rebuilt from the packs, {chunks} chunks): median {:.0} ms",
         1000.0 * median(reopen.iter().map(|r| r.0).collect())
     );
     println!(

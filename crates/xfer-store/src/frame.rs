@@ -132,7 +132,23 @@ pub fn decode(frame: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
             )))
         }
     }
-    let out = zstd::bulk::decompress(frame, raw_len).map_err(StoreError::Decompress)?;
+    // One decompression context per thread: creating one per call (what
+    // `zstd::bulk::decompress` does) cost more than decoding a 4 KiB page.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let out = DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(frame, raw_len),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    });
+    let out = out.map_err(StoreError::Decompress)?;
     if out.len() != raw_len {
         return Err(StoreError::FrameSize {
             got: out.len(),
@@ -143,13 +159,17 @@ pub fn decode(frame: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
 }
 
 /// A reusable compressor (one zstd context): the pipeline keeps one per thread,
-/// which is much cheaper than a fresh context per 4 KiB page.
-pub(crate) struct Encoder(zstd::bulk::Compressor<'static>);
+/// which is much cheaper than a fresh context per 4 KiB page. It compresses into a
+/// scratch buffer and returns an exact-size copy: `Compressor::compress` returns a
+/// vector of zstd's worst-case size (4.2 KiB for a page that compresses to ~200
+/// bytes), and a caller that keeps the frames (a pre-copy round's new chunks) then
+/// holds and page-faults in ~20x the memory.
+pub(crate) struct Encoder(zstd::bulk::Compressor<'static>, Vec<u8>);
 
 impl Encoder {
     pub(crate) fn new() -> Result<Self, StoreError> {
         zstd::bulk::Compressor::new(ZSTD_LEVEL)
-            .map(Encoder)
+            .map(|c| Encoder(c, Vec::new()))
             .map_err(StoreError::Compress)
     }
 
@@ -164,7 +184,12 @@ impl Encoder {
         if looks_incompressible(data) {
             return Ok(raw_frame(data));
         }
-        self.0.compress(data).map_err(StoreError::Compress)
+        self.1.clear();
+        self.1.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.0
+            .compress_to_buffer(data, &mut self.1)
+            .map_err(StoreError::Compress)?;
+        Ok(self.1.as_slice().to_vec())
     }
 }
 

@@ -13,7 +13,7 @@
 //! | [`frame`] | one bounded zstd frame (level [`ZSTD_LEVEL`], at most [`MAX_FRAME`] decoded) |
 //! | [`chunk`] | splitting: 4 KiB pages with zero pages carried without data ([`chunk::PAGE_SIZE`]); FastCDC for files and tar streams ([`chunk::CdcParams`]) |
 //! | [`manifest`] | an object = ordered chunk list + whole-object digest; versioned binary encoding; [`Manifest::rebuild`] |
-//! | [`store`] | the on-disk store: one compressed file per chunk, atomic writes, verify on read, quarantine, in-memory index, leases, GC |
+//! | [`store`] | the on-disk store: frames appended to 256 MiB pack files in fsynced, hash-sealed batches; index rebuilt at open; verify on read, quarantine, leases, GC with pack compaction |
 //! | [`patch`] | turning a file rebuilt earlier into the next version of its object, writing only what differs |
 //! | [`pipeline`] | the sender's helper: file -> manifest + the compressed chunks a peer lacks, on 2 threads |
 //!
@@ -57,6 +57,7 @@ pub mod chunk;
 mod error;
 pub mod frame;
 pub mod manifest;
+mod pagehash;
 pub mod patch;
 pub mod pipeline;
 pub mod store;

@@ -1,46 +1,63 @@
-//! The on-disk chunk store.
+//! The on-disk chunk store: chunks appended to large pack files, an in-memory index.
 //!
-//! # Layout (`LAYOUT` = `xfer-store 1`)
+//! # Layout (`LAYOUT` = `xfer-store 2`)
 //!
 //! ```text
-//! <dir>/LAYOUT                      "xfer-store 1\n"; open refuses anything else
+//! <dir>/LAYOUT                      "xfer-store 2\n"; open refuses anything else (a
+//!                                   store of layout 1, one file per chunk, gives
+//!                                   StoreError::Layout: remove it, nothing migrates)
 //! <dir>/LOCK                        flock(LOCK_EX) while a Store has the directory open
-//! <dir>/chunks/ab/<hex>-<raw_len>.zst
-//!                                   one chunk: exactly one zstd frame (as sent on the
-//!                                   wire); ab = first byte of the id; raw_len = decoded
-//!                                   length in decimal
-//! <dir>/chunks/ab/.tmp-*            a write in progress (removed at open)
+//! <dir>/packs/<seq, 8 hex>.pack     append-only pack files; the highest seq is the
+//!                                   active one, the others are sealed (never written)
 //! <dir>/leases/<name>.lease         one lease (format below)
 //! <dir>/quarantine/<hex>-<raw_len>.zst.<unix-ns>
-//!                                   chunks that failed verification on read
+//!                                   copies of frames that failed verification on read
 //! ```
 //!
-//! The file name carries the decoded length so that [`Store::open`] rebuilds the
-//! in-memory index (id -> raw length, stored length, last use) from one `readdir` and
-//! one `stat` per chunk, without reading chunk files. One level of 256 fan-out
-//! directories (not `ab/cd/`, 65,536 directories) keeps the directories a store must
-//! create, fsync and scan few; ext4's hashed directories handle 10^4..10^5 entries per
-//! directory (10^7 chunks) without trouble.
+//! # Pack format (version 1, little-endian)
 //!
-//! # Writes
+//! ```text
+//! header   "XFPK" | version u32 = 1 | seq u32 (= the file name) | reserved u32 = 0
+//! record   kind u8 | 3 reserved zero bytes | a u32 | b u32 | c u32 | d u64 | id [32]
+//!   chunk      kind 1: a = decoded length, b = frame length, d = write time (unix
+//!              ns), id = chunk id; followed by the b bytes of its zstd frame (exactly
+//!              as sent on the wire)
+//!   tombstone  kind 2: the chunk record of `id` whose frame is at offset d of pack c
+//!              was removed (GC, remove, quarantine)
+//!   commit     kind 3: ends a batch; a = records in the batch, d = offset of its
+//!              first record, id = BLAKE3 of the batch's bytes (from d up to here)
+//! ```
 //!
-//! A chunk is written to a temporary file in its final directory, fsynced, renamed
-//! over its final name, and the directory fsynced. Two writers of one chunk write the
-//! same bytes (the name is the content's digest), so whichever rename lands last
-//! leaves a complete, correct file. Renames, unlinks and index updates happen together
-//! under the index's write lock, so garbage collection and quarantine never race with
-//! a writer into an index entry without a file.
+//! A pack is written in batches: the records of a [`Batch`] (or of one
+//! [`Store::put`], or of the tombstones of one GC run) are appended with one
+//! `pwrite`, followed by their commit record, then the file is `fdatasync`ed; only then
+//! does the index show them. A pack grows to [`PACK_MAX`] (256 MiB) and is then
+//! sealed: the next batch goes to a new pack, created (header written and fsynced,
+//! directory fsynced) only after the previous pack's last batch was fsynced.
 //!
-//! Per-chunk fsyncs cost ~2-6 ms each on this project's virtual disks, so a receiver
-//! storing thousands of chunks uses a [`Batch`]: temporary files without fsync, one
-//! `syncfs`, the renames, a second `syncfs` (the scheme OSTree uses for its objects).
+//! # Atomicity and index recovery
 //!
-//! # Reads
+//! The index (id -> pack, offset, lengths, last use) lives in memory and is rebuilt
+//! at [`Store::open`] by reading the packs in sequence order, applying chunk records
+//! and tombstones of committed batches in file order (a later record of an id
+//! supersedes an earlier one; a tombstone removes the entry only if it still points
+//! at the removed record). Sealed packs are read for their structure only (record
+//! headers; frames are skipped). The active pack is read in full: each batch's
+//! BLAKE3 must match its commit record, and the first batch that does not (a crash
+//! before its fsync completed: torn, reordered or zero-filled writes) ends the pack,
+//! which is truncated there. So a crash loses at most the batches not yet committed,
+//! never part of a batch, and never indexes bytes that were not durable.
 //!
-//! Every read ([`Store::get`], [`Store::get_compressed`]) decompresses the frame and
-//! checks its BLAKE3 digest. A chunk that fails is moved to `quarantine/`, dropped
-//! from the index and reported as [`StoreError::Missing`] (with the quarantine path),
-//! never served; a later `put` of the right bytes stores it again.
+//! # Reads and verification
+//!
+//! Every read ([`Store::get`], [`Store::get_compressed`]) `pread`s the frame,
+//! decompresses it and checks its BLAKE3 digest (whatever the recovery trusted: bit
+//! rot, a flipped byte). A chunk that fails is copied to `quarantine/`, a tombstone
+//! is committed, it is dropped from the index and reported as
+//! [`StoreError::Missing`] (with the quarantine path), never served; a later `put`
+//! of the right bytes stores it again. Readers take the index lock only to look an
+//! entry up; the `pread` and the verification run without locks (a pack file being
+//! removed by compaction stays readable through its open descriptor).
 //!
 //! # Leases and garbage collection
 //!
@@ -55,26 +72,27 @@
 //!
 //! [`Store::gc`] first drops expired leases and (with
 //! [`GcPolicy::collect_expired`]) removes the chunks they alone protected; then, while
-//! the stored (compressed) bytes exceed [`GcPolicy::max_bytes`], it removes unleased
-//! chunks least recently used first. "Used" = stored or read ([`Store::put`],
-//! [`Store::put_compressed`] of a chunk already held, [`Store::get`],
+//! the stored (compressed, live) bytes exceed [`GcPolicy::max_bytes`], it removes
+//! unleased chunks least recently used first. "Used" = stored or read
+//! ([`Store::put`], [`Store::put_compressed`] of a chunk already held, [`Store::get`],
 //! [`Store::get_compressed`]); `has`/`has_many` do not count. The time of last use is
-//! kept in memory and persisted as the file's mtime (refreshed on disk at most every
-//! 10 minutes per chunk, so reads stay cheap); atime is not used (relatime/noatime
-//! mounts make it unreliable). Nothing used within [`GcPolicy::min_age`] is removed:
-//! that covers a writer that found a chunk present and is about to lease it.
+//! kept in memory; after a restart it is the chunk's write time (from its record).
+//! Nothing used within [`GcPolicy::min_age`] is removed: that covers a writer that
+//! found a chunk present and is about to lease it. Removals are committed as
+//! tombstones (one batch per GC run). Finally GC compacts: a sealed pack whose live
+//! frames fill less than half of it has them (and its tombstones that still matter)
+//! copied into the active pack, committed, then the pack file is deleted; an active
+//! pack of at least [`COMPACT_MIN`] that is more than half dead is sealed first so
+//! that it can be compacted. Disk use is therefore at most about twice the live
+//! bytes plus one active pack.
 //!
-//! # Costs (measured on this project's 2-core VM, ext4 on a virtual disk)
+//! # Costs (measured on this project's 2-core VM)
 //!
-//! - A single [`Store::put`] of a new chunk: 2-6 ms (two fsyncs).
-//! - A [`Batch`] of 4,096 chunks: 4 KiB page chunks are stored at 40-67 MB/s (10-16 k
-//!   chunk files per second; CPU-bound on file creation and rename in the kernel),
-//!   64 KiB-class CDC chunks at ~150-200 MB/s. Several threads may each fill a batch.
-//! - [`Store::open`] rebuilds the index at ~3 µs per chunk (53 k chunks: 169 ms).
-//! - [`Store::has_many`]: 40-90 ns per id with SipHash; the index and the lease
-//!   reference counts are keyed with foldhash now (a lookup of 99 k ids: ~2 ms).
-//! - [`Store::lease_add_in_memory`] of 99 k ids to a lease that holds 98 k: ~2 ms;
-//!   [`Store::persist_lease`] of it: ~3 ms on tmpfs.
+//! - A [`Batch`] is appended with one `pwrite` and one `fdatasync`; 4 KiB page chunks
+//!   go in at memory-copy speed plus the frame verification of
+//!   [`Batch::put_compressed`] (decompress + BLAKE3).
+//! - [`Store::open`] reads sealed packs' record headers and hashes the active pack.
+//! - [`Store::has_many`]: one read lock, a foldhash map lookup per id (~20 ns).
 //!
 //! # Lease file format (version 1)
 //!
@@ -83,31 +101,43 @@
 //! count x 32-byte ids | BLAKE3 of everything before (32 bytes)       (little-endian)
 //! ```
 
-use std::collections::{HashMap, HashSet};
+mod pack;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{frame, Digest, FastMap, FastSet, StoreError, MAX_CHUNK};
+use pack::{Found, Records, ScanError, HEADER_LEN, REC_LEN};
 
-const LAYOUT: &str = "xfer-store 1";
+const LAYOUT: &str = "xfer-store 2";
 const TMP_PREFIX: &str = ".tmp-";
 const LEASE_MAGIC: &[u8; 4] = b"XFLS";
 const LEASE_VERSION: u16 = 1;
 const MAX_LEASE_NAME: usize = 200;
-/// How stale the on-disk mtime of a chunk may get before a use refreshes it.
-const TOUCH_PERSIST_NS: u64 = 600 * 1_000_000_000;
+
+/// Size at which a pack is sealed and the next one started. Large enough that a
+/// store of a few GB is a few dozen files (opening, fsync and directory costs stay
+/// negligible), small enough that compacting one pack is a short copy.
+pub const PACK_MAX: u64 = 256 << 20;
+/// An active pack at least this large and more than half dead is sealed by GC so
+/// that it can be compacted.
+pub const COMPACT_MIN: u64 = 16 << 20;
+/// A [`Batch`] holding this many bytes of records commits what it holds and goes on
+/// (bounds its memory; chunks are independent, so earlier visibility is harmless).
+const BATCH_FLUSH: usize = 8 << 20;
 
 /// Size and content of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stats {
     /// Chunks held.
     pub chunks: u64,
-    /// Bytes of their compressed frames (file sizes).
+    /// Bytes of their compressed frames.
     pub stored_bytes: u64,
     /// Bytes they decode to.
     pub raw_bytes: u64,
@@ -116,6 +146,9 @@ pub struct Stats {
     /// Files in `quarantine/` (corrupt chunks found since the directory was last
     /// purged).
     pub quarantined: u64,
+    /// Bytes of the pack files on disk (live frames, record headers, and the dead
+    /// records GC has not compacted away yet).
+    pub pack_bytes: u64,
 }
 
 /// What [`Store::gc`] may remove.
@@ -155,6 +188,8 @@ pub struct GcReport {
     pub stored_bytes: u64,
     /// Still above `max_bytes` (what is left is leased or too recently used).
     pub over_cap: bool,
+    /// Pack files compacted (their live chunks copied) or dropped.
+    pub packs_compacted: usize,
 }
 
 /// One lease, as listed by [`Store::leases`].
@@ -169,10 +204,43 @@ pub struct LeaseInfo {
 }
 
 struct Entry {
+    pack: u32,
     raw_len: u32,
     stored_len: u32,
+    /// Offset of the frame in the pack.
+    offset: u64,
     /// Unix time of last use, nanoseconds.
     last_used: AtomicU64,
+}
+
+/// A tombstone kept in memory per pack, so compaction can carry the ones that still
+/// matter (their target pack exists) without reading the pack again.
+#[derive(Clone, Copy)]
+struct Tomb {
+    id: Digest,
+    pack: u32,
+    offset: u64,
+}
+
+struct PackMeta {
+    file: Arc<File>,
+    /// File length (committed bytes).
+    len: u64,
+    /// Bytes of the live frames (those the index points at) in it.
+    live: u64,
+    tombs: Vec<Tomb>,
+}
+
+impl PackMeta {
+    /// A pack of `len` committed bytes, nothing indexed in it yet.
+    fn new(file: &Arc<File>, len: u64) -> Self {
+        PackMeta {
+            file: Arc::clone(file),
+            len,
+            live: 0,
+            tombs: Vec::new(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -180,37 +248,72 @@ struct Index {
     map: FastMap<Digest, Entry>,
     stored: u64,
     raw: u64,
+    packs: BTreeMap<u32, PackMeta>,
 }
 
 impl Index {
-    fn insert(&mut self, id: Digest, raw_len: u32, stored_len: u32, now: u64) {
-        match self.map.get_mut(&id) {
-            Some(e) => {
-                // Replaced by an equivalent frame (maybe from another zstd build).
-                self.stored = self.stored - e.stored_len as u64 + stored_len as u64;
-                e.stored_len = stored_len;
-                e.last_used.store(now, Ordering::Relaxed);
-            }
-            None => {
-                self.stored += stored_len as u64;
-                self.raw += raw_len as u64;
-                self.map.insert(
-                    id,
-                    Entry {
-                        raw_len,
-                        stored_len,
-                        last_used: AtomicU64::new(now),
-                    },
-                );
-            }
+    /// Indexes a committed chunk record; a previous entry of the id becomes dead.
+    fn insert(&mut self, id: Digest, e: Entry) {
+        if let Some(p) = self.packs.get_mut(&e.pack) {
+            p.live += e.stored_len as u64;
         }
+        self.stored += e.stored_len as u64;
+        self.raw += e.raw_len as u64;
+        if let Some(old) = self.map.insert(id, e) {
+            self.unaccount(&old);
+        }
+    }
+
+    fn unaccount(&mut self, e: &Entry) {
+        if let Some(p) = self.packs.get_mut(&e.pack) {
+            p.live -= e.stored_len as u64;
+        }
+        self.stored -= e.stored_len as u64;
+        self.raw -= e.raw_len as u64;
     }
 
     fn remove(&mut self, id: &Digest) -> Option<Entry> {
         let e = self.map.remove(id)?;
-        self.stored -= e.stored_len as u64;
-        self.raw -= e.raw_len as u64;
+        self.unaccount(&e);
         Some(e)
+    }
+
+    /// Removes `id` if its entry is the record at (`pack`, `offset`).
+    fn remove_at(&mut self, id: &Digest, pack: u32, offset: u64) -> Option<Entry> {
+        match self.map.get(id) {
+            Some(e) if e.pack == pack && e.offset == offset => self.remove(id),
+            _ => None,
+        }
+    }
+
+    /// Applies the records of a committed batch of pack `seq`.
+    fn apply(&mut self, seq: u32, found: &[Found]) {
+        for f in found {
+            match *f {
+                Found::Chunk {
+                    id,
+                    offset,
+                    raw_len,
+                    stored_len,
+                    written_ns,
+                } => self.insert(
+                    id,
+                    Entry {
+                        pack: seq,
+                        raw_len,
+                        stored_len,
+                        offset,
+                        last_used: AtomicU64::new(written_ns),
+                    },
+                ),
+                Found::Tombstone { id, pack, offset } => {
+                    self.remove_at(&id, pack, offset);
+                    if let Some(p) = self.packs.get_mut(&seq) {
+                        p.tombs.push(Tomb { id, pack, offset });
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -245,24 +348,35 @@ impl Leases {
     }
 }
 
+/// The pack batches are appended to.
+struct Active {
+    seq: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
 /// A content-addressed chunk store in one directory. `Send + Sync`: share it with an
 /// `Arc`; every method takes `&self`. One `Store` per directory (an exclusive `flock`
 /// on `LOCK` refuses a second one, in this process or another).
+///
+/// Lock order: `lease_files`, `leases`, `active`, `index`.
 pub struct Store {
     dir: PathBuf,
-    chunks_dir: PathBuf,
+    packs_dir: PathBuf,
     leases_dir: PathBuf,
     quarantine_dir: PathBuf,
-    /// Holds the flock; also the descriptor `syncfs` is called on.
-    lock: File,
+    /// Holds the flock.
+    _lock: File,
+    pack_max: u64,
     index: RwLock<Index>,
+    /// The writer: appends and pack creation are serialised by it.
+    active: Mutex<Active>,
     leases: Mutex<Leases>,
     /// Serialises writes and removals of lease files (taken before `leases`), so a
     /// lease file always holds a state the lease had, never an older one than
     /// already written, and a released lease is not written back.
     lease_files: Mutex<()>,
     quarantined: AtomicU64,
-    tmp_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -277,12 +391,6 @@ impl std::fmt::Debug for Store {
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn time_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
@@ -308,33 +416,32 @@ fn check_lease_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Parses `<64 lower-case hex>-<raw_len>.zst` (raw_len canonical decimal).
-fn parse_chunk_name(name: &str) -> Option<(Digest, u32)> {
-    let stem = name.strip_suffix(".zst")?;
-    let (hex, len) = stem.split_once('-')?;
-    if hex.len() != 64 || hex.bytes().any(|b| b.is_ascii_uppercase()) {
-        return None;
-    }
-    if len.is_empty()
-        || len.len() > 10
-        || len.starts_with('0')
-        || !len.bytes().all(|b| b.is_ascii_digit())
+/// Parses `<8 lower-case hex>.pack`.
+fn parse_pack_name(name: &str) -> Option<u32> {
+    let hex = name.strip_suffix(".pack")?;
+    if hex.len() != 8
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
         return None;
     }
-    let id = Digest::from_hex(hex).ok()?;
-    let len: u32 = len.parse().ok()?;
-    if len as usize > MAX_CHUNK {
-        return None;
-    }
-    Some((id, len))
+    u32::from_str_radix(hex, 16).ok()
+}
+
+fn pack_name(seq: u32) -> String {
+    format!("{seq:08x}.pack")
 }
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`: takes the directory's lock,
-    /// removes temporary files left by a crash, rebuilds the index from the chunk
-    /// files and loads the leases.
+    /// rebuilds the index from the packs (truncating a batch torn by a crash) and
+    /// loads the leases.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Store::open_with(dir, PACK_MAX)
+    }
+
+    pub(crate) fn open_with(dir: impl AsRef<Path>, pack_max: u64) -> Result<Store, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
 
@@ -362,92 +469,55 @@ impl Store {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if dir.join("chunks").exists() {
+                    // A layout-1 store that lost its LAYOUT file: refuse it too.
+                    return Err(StoreError::Layout {
+                        path: dir,
+                        found: "(none, chunks/ present)".into(),
+                        expected: LAYOUT,
+                    });
+                }
                 write_atomic(&dir, "LAYOUT", format!("{LAYOUT}\n").as_bytes())?;
             }
             Err(e) => return Err(StoreError::io("read", &layout, e)),
         }
 
-        let chunks_dir = dir.join("chunks");
+        let packs_dir = dir.join("packs");
         let leases_dir = dir.join("leases");
         let quarantine_dir = dir.join("quarantine");
         let mut created = false;
-        for d in [&chunks_dir, &leases_dir, &quarantine_dir] {
+        for d in [&packs_dir, &leases_dir, &quarantine_dir] {
             if !d.is_dir() {
                 fs::create_dir(d).map_err(|e| StoreError::io("create", d, e))?;
                 created = true;
             }
         }
-        let mut created_fanout = false;
-        for b in 0..=255u8 {
-            let d = chunks_dir.join(format!("{b:02x}"));
-            if !d.is_dir() {
-                fs::create_dir(&d).map_err(|e| StoreError::io("create", &d, e))?;
-                created_fanout = true;
-            }
-        }
-        if created_fanout {
-            crate::sys::fsync_dir(&chunks_dir)?;
-        }
         if created {
             crate::sys::fsync_dir(&dir)?;
         }
 
+        let (index, active) = load_packs(&packs_dir, &quarantine_dir)?;
         let store = Store {
-            index: RwLock::new(Index::default()),
+            index: RwLock::new(index),
+            active: Mutex::new(active),
             leases: Mutex::new(Leases::default()),
             lease_files: Mutex::new(()),
             quarantined: AtomicU64::new(0),
-            tmp_seq: AtomicU64::new(0),
+            pack_max: pack_max.max(HEADER_LEN + 1),
             dir,
-            chunks_dir,
+            packs_dir,
             leases_dir,
             quarantine_dir,
-            lock,
+            _lock: lock,
         };
-        store.load_index()?;
         store.load_leases()?;
-        let q = fs::read_dir(&store.quarantine_dir)
-            .map_err(|e| StoreError::io("read dir", &store.quarantine_dir, e))?
-            .count();
-        store.quarantined.store(q as u64, Ordering::Relaxed);
+        store.quarantined.store(
+            fs::read_dir(&store.quarantine_dir)
+                .map_err(|e| StoreError::io("read dir", &store.quarantine_dir, e))?
+                .count() as u64,
+            Ordering::Relaxed,
+        );
         Ok(store)
-    }
-
-    fn load_index(&self) -> Result<(), StoreError> {
-        let mut idx = Index::default();
-        for b in 0..=255u8 {
-            let d = self.chunks_dir.join(format!("{b:02x}"));
-            let rd = fs::read_dir(&d).map_err(|e| StoreError::io("read dir", &d, e))?;
-            for ent in rd {
-                let ent = ent.map_err(|e| StoreError::io("read dir", &d, e))?;
-                let name = ent.file_name();
-                let Some(name) = name.to_str() else { continue };
-                if name.starts_with(TMP_PREFIX) {
-                    let p = ent.path();
-                    fs::remove_file(&p).map_err(|e| StoreError::io("remove", &p, e))?;
-                    continue;
-                }
-                let Some((id, raw_len)) = parse_chunk_name(name) else {
-                    continue;
-                };
-                if id.0[0] != b {
-                    continue;
-                }
-                let md = match ent.metadata() {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(StoreError::io("stat", ent.path(), e)),
-                };
-                if !md.is_file() || idx.map.contains_key(&id) {
-                    continue;
-                }
-                let stored = u32::try_from(md.len()).unwrap_or(u32::MAX);
-                let mtime = md.modified().map(time_ns).unwrap_or(0);
-                idx.insert(id, raw_len, stored, mtime);
-            }
-        }
-        *self.write_index() = idx;
-        Ok(())
     }
 
     fn load_leases(&self) -> Result<(), StoreError> {
@@ -495,6 +565,10 @@ impl Store {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_active(&self) -> MutexGuard<'_, Active> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_lease_files(&self) -> MutexGuard<'_, ()> {
         self.lease_files.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -503,32 +577,13 @@ impl Store {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn fanout_dir(&self, id: &Digest) -> PathBuf {
-        self.chunks_dir.join(format!("{:02x}", id.0[0]))
-    }
-
-    fn chunk_path(&self, id: &Digest, raw_len: u32) -> PathBuf {
-        self.fanout_dir(id)
-            .join(format!("{}-{}.zst", id.to_hex(), raw_len))
-    }
-
-    fn tmp_path(&self, dir: &Path, id: &Digest) -> PathBuf {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        dir.join(format!(
-            "{TMP_PREFIX}{}-{}-{n}",
-            &id.to_hex()[..16],
-            std::process::id()
-        ))
-    }
-
-    /// Whether the store holds chunk `id` (per the index; a corrupt file is found out
-    /// on read).
+    /// Whether the store holds chunk `id` (per the index; a corrupt frame is found
+    /// out on read).
     pub fn has(&self, id: &Digest) -> bool {
         self.read_index().map.contains_key(id)
     }
 
-    /// [`Store::has`] for many ids under one read lock (40-90 ns per id measured on
-    /// 6 k-125 k ids).
+    /// [`Store::has`] for many ids under one read lock.
     pub fn has_many(&self, ids: &[Digest]) -> Vec<bool> {
         let idx = self.read_index();
         ids.iter().map(|id| idx.map.contains_key(id)).collect()
@@ -553,11 +608,28 @@ impl Store {
         self.read_index().map.get(id).map(|e| e.raw_len as usize)
     }
 
+    /// Where chunk `id`'s frame lies: pack file, offset, length. For inspection and
+    /// for tests that damage a chunk on disk.
+    pub fn locate(&self, id: &Digest) -> Option<(PathBuf, u64, usize)> {
+        let idx = self.read_index();
+        let e = idx.map.get(id)?;
+        Some((
+            self.packs_dir.join(pack_name(e.pack)),
+            e.offset,
+            e.stored_len as usize,
+        ))
+    }
+
     /// Counts and sizes.
     pub fn stats(&self) -> Stats {
-        let (chunks, stored_bytes, raw_bytes) = {
+        let (chunks, stored_bytes, raw_bytes, pack_bytes) = {
             let idx = self.read_index();
-            (idx.map.len() as u64, idx.stored, idx.raw)
+            (
+                idx.map.len() as u64,
+                idx.stored,
+                idx.raw,
+                idx.packs.values().map(|p| p.len).sum(),
+            )
         };
         Stats {
             chunks,
@@ -565,40 +637,29 @@ impl Store {
             raw_bytes,
             leases: self.lock_leases().by_name.len(),
             quarantined: self.quarantined.load(Ordering::Relaxed),
+            pack_bytes,
         }
     }
 
     /// Marks `id` used if held; returns whether it is held.
     fn touch_if_present(&self, id: &Digest) -> bool {
-        let now = now_ns();
-        let persist = {
-            let idx = self.read_index();
-            let Some(e) = idx.map.get(id) else {
-                return false;
-            };
-            let before = e.last_used.swap(now, Ordering::Relaxed);
-            (before.saturating_add(TOUCH_PERSIST_NS) < now).then_some(e.raw_len)
-        };
-        if let Some(raw_len) = persist {
-            // Best effort: only the GC order after a restart depends on it.
-            if let Ok(f) = File::open(self.chunk_path(id, raw_len)) {
-                let _ = f.set_modified(SystemTime::now());
+        let idx = self.read_index();
+        match idx.map.get(id) {
+            Some(e) => {
+                e.last_used.store(now_ns(), Ordering::Relaxed);
+                true
             }
+            None => false,
         }
-        true
     }
 
     /// Stores `data` (1..=[`MAX_CHUNK`] bytes) as one chunk and returns its id.
-    /// Durable when it returns (fsync of the file and of its directory). A chunk
-    /// already held is not rewritten (its last use is refreshed).
+    /// Durable when it returns (one batch of one chunk). A chunk already held is not
+    /// rewritten (its last use is refreshed).
     pub fn put(&self, data: &[u8]) -> Result<Digest, StoreError> {
-        check_raw_len(data.len())?;
-        let id = Digest::of(data);
-        if self.touch_if_present(&id) {
-            return Ok(id);
-        }
-        let frame = frame::encode(data)?;
-        self.write_chunk(id, &frame, data.len() as u32)?;
+        let mut b = self.batch();
+        let id = b.put(data)?;
+        b.commit()?;
         Ok(id)
     }
 
@@ -613,38 +674,83 @@ impl Store {
         frame_bytes: &[u8],
         raw_len: usize,
     ) -> Result<bool, StoreError> {
-        let raw_len = check_raw_len(raw_len)?;
-        if self.touch_if_present(&id) {
-            return Ok(false);
-        }
-        verify_frame(&id, frame_bytes, raw_len)?;
-        self.write_chunk(id, frame_bytes, raw_len)?;
-        Ok(true)
+        let mut b = self.batch();
+        let new = b.put_compressed(id, frame_bytes, raw_len)?;
+        b.commit()?;
+        Ok(new)
     }
 
-    fn write_chunk(&self, id: Digest, frame_bytes: &[u8], raw_len: u32) -> Result<(), StoreError> {
-        let dir = self.fanout_dir(&id);
-        let tmp = self.tmp_path(&dir, &id);
-        let result = (|| {
-            write_file(&tmp, frame_bytes, true)?;
-            self.commit_tmp(&[(id, tmp.clone(), raw_len, frame_bytes.len() as u32)])?;
-            crate::sys::fsync_dir(&dir)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+    /// Appends `recs` as one committed batch to the active pack (starting a new pack
+    /// first if it would grow past the limit). Returns the pack and the batch's
+    /// offset. The caller holds `active` and indexes the records afterwards.
+    fn append(&self, active: &mut Active, recs: &mut Records) -> Result<(u32, u64), StoreError> {
+        let grows = (recs.buf.len() + REC_LEN) as u64;
+        if active.len > HEADER_LEN && active.len + grows > self.pack_max {
+            self.roll(active)?;
         }
-        result
+        let base = active.len;
+        recs.finish(base);
+        let path = self.packs_dir.join(pack_name(active.seq));
+        let r = active
+            .file
+            .write_all_at(&recs.buf, base)
+            .map_err(|e| StoreError::io("write", &path, e))
+            .and_then(|()| {
+                active
+                    .file
+                    .sync_data()
+                    .map_err(|e| StoreError::io("fdatasync", &path, e))
+            });
+        if let Err(e) = r {
+            // Nothing of it is committed: cut it off (a reopen would too).
+            let _ = active.file.set_len(base);
+            return Err(e);
+        }
+        active.len = base + recs.buf.len() as u64;
+        Ok((active.seq, base))
     }
 
-    /// Renames written temporary files into place and indexes them, under the index
-    /// write lock (see the module docs for why).
-    fn commit_tmp(&self, items: &[(Digest, PathBuf, u32, u32)]) -> Result<(), StoreError> {
-        let now = now_ns();
+    /// Seals the active pack and starts the next one.
+    fn roll(&self, active: &mut Active) -> Result<(), StoreError> {
+        let seq = active.seq.checked_add(1).ok_or_else(|| {
+            StoreError::io(
+                "create",
+                &self.packs_dir,
+                std::io::Error::other("pack sequence exhausted"),
+            )
+        })?;
+        let file = Arc::new(create_pack(&self.packs_dir, seq)?);
+        self.write_index()
+            .packs
+            .insert(seq, PackMeta::new(&file, HEADER_LEN));
+        *active = Active {
+            seq,
+            file,
+            len: HEADER_LEN,
+        };
+        Ok(())
+    }
+
+    /// Commits tombstones for entries already dropped from the index: (id, pack,
+    /// offset) of each removed record.
+    fn commit_tombstones(&self, removed: &[(Digest, u32, u64)]) -> Result<(), StoreError> {
+        if removed.is_empty() {
+            return Ok(());
+        }
+        let mut recs = Records::default();
+        for (id, pack, offset) in removed {
+            recs.tombstone(*id, *pack, *offset);
+        }
+        let mut active = self.lock_active();
+        let (seq, _) = self.append(&mut active, &mut recs)?;
         let mut idx = self.write_index();
-        for (id, tmp, raw_len, stored_len) in items {
-            let path = self.chunk_path(id, *raw_len);
-            fs::rename(tmp, &path).map_err(|e| StoreError::io("rename", &path, e))?;
-            idx.insert(*id, *raw_len, *stored_len, now);
+        if let Some(p) = idx.packs.get_mut(&seq) {
+            p.len = active.len;
+            p.tombs.extend(
+                removed
+                    .iter()
+                    .map(|&(id, pack, offset)| Tomb { id, pack, offset }),
+            );
         }
         Ok(())
     }
@@ -661,10 +767,10 @@ impl Store {
     }
 
     fn read_verified(&self, id: &Digest) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
-        // Two rounds at most: the second only if the file was replaced (healed by a
-        // writer) between our read and our quarantine.
+        // Two rounds at most: the second only if the entry moved (healed by a writer,
+        // or compacted) between our read and our quarantine.
         for _ in 0..2 {
-            let raw_len = {
+            let (file, pack, offset, raw_len, stored_len) = {
                 let idx = self.read_index();
                 let Some(e) = idx.map.get(id) else {
                     return Err(StoreError::Missing {
@@ -672,33 +778,42 @@ impl Store {
                         quarantined: None,
                     });
                 };
-                e.raw_len
-            };
-            self.touch_if_present(id);
-            let path = self.chunk_path(id, raw_len);
-            let mut f = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    // Removed behind our back (or by a GC between lookup and open).
-                    self.forget_if_gone(id, &path);
+                e.last_used.store(now_ns(), Ordering::Relaxed);
+                let Some(p) = idx.packs.get(&e.pack) else {
                     return Err(StoreError::Missing {
                         id: *id,
                         quarantined: None,
                     });
-                }
-                Err(e) => return Err(StoreError::io("open", &path, e)),
+                };
+                (
+                    Arc::clone(&p.file),
+                    e.pack,
+                    e.offset,
+                    e.raw_len,
+                    e.stored_len,
+                )
             };
-            let md = f.metadata().map_err(|e| StoreError::io("stat", &path, e))?;
-            let bound = zstd::zstd_safe::compress_bound(MAX_CHUNK) as u64;
-            let mut buf = Vec::with_capacity(md.len().min(bound) as usize);
-            (&mut f)
-                .take(bound + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| StoreError::io("read", &path, e))?;
-            if let Ok(data) = verify_frame(id, &buf, raw_len) {
-                return Ok((buf, data));
+            let mut buf = vec![0u8; stored_len as usize];
+            let read = file.read_exact_at(&mut buf, offset);
+            match read {
+                Ok(()) => {
+                    if let Ok(data) = verify_frame(id, &buf, raw_len) {
+                        return Ok((buf, data));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // The pack was cut short behind our back: as corrupt.
+                    buf.clear();
+                }
+                Err(e) => {
+                    return Err(StoreError::io(
+                        "read",
+                        self.packs_dir.join(pack_name(pack)),
+                        e,
+                    ))
+                }
             }
-            match self.quarantine(id, raw_len, md.ino())? {
+            match self.quarantine(id, pack, offset, raw_len, &buf)? {
                 Some(quarantined) => {
                     return Err(StoreError::Missing {
                         id: *id,
@@ -714,45 +829,34 @@ impl Store {
         })
     }
 
-    /// Moves a chunk file that failed verification to `quarantine/` and drops it from
-    /// the index, unless the file at its path is no longer the one read (inode
-    /// `ino`): then returns None and the caller reads again. `Some(None)`: the file
-    /// had already gone.
+    /// Drops a chunk whose frame at (`pack`, `offset`) failed verification: keeps a
+    /// copy of what was read (`bytes`) in `quarantine/`, unindexes it and commits a
+    /// tombstone. Returns None if the entry no longer points there (the caller reads
+    /// again); `Some(None)` if nothing was read to keep.
     fn quarantine(
         &self,
         id: &Digest,
+        pack: u32,
+        offset: u64,
         raw_len: u32,
-        ino: u64,
+        bytes: &[u8],
     ) -> Result<Option<Option<PathBuf>>, StoreError> {
-        let path = self.chunk_path(id, raw_len);
-        let q = self
-            .quarantine_dir
-            .join(format!("{}-{}.zst.{}", id.to_hex(), raw_len, now_ns()));
         {
             let mut idx = self.write_index();
-            match fs::metadata(&path) {
-                Ok(md) if md.ino() == ino => {}
-                Ok(_) => return Ok(None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    idx.remove(id);
-                    return Ok(Some(None));
-                }
-                Err(e) => return Err(StoreError::io("stat", &path, e)),
+            if idx.remove_at(id, pack, offset).is_none() {
+                return Ok(None);
             }
-            fs::rename(&path, &q).map_err(|e| StoreError::io("quarantine", &path, e))?;
-            idx.remove(id);
         }
-        self.quarantined.fetch_add(1, Ordering::Relaxed);
-        crate::sys::fsync_dir(&self.fanout_dir(id))?;
-        crate::sys::fsync_dir(&self.quarantine_dir)?;
-        Ok(Some(Some(q)))
-    }
-
-    fn forget_if_gone(&self, id: &Digest, path: &Path) {
-        let mut idx = self.write_index();
-        if !path.exists() {
-            idx.remove(id);
-        }
+        let q = if bytes.is_empty() {
+            None
+        } else {
+            let name = format!("{}-{}.zst.{}", id.to_hex(), raw_len, now_ns());
+            write_atomic(&self.quarantine_dir, &name, bytes)?;
+            self.quarantined.fetch_add(1, Ordering::Relaxed);
+            Some(self.quarantine_dir.join(name))
+        };
+        self.commit_tombstones(&[(*id, pack, offset)])?;
+        Ok(Some(q))
     }
 
     /// Removes chunk `id` now. Refused with [`StoreError::Leased`] while a recorded
@@ -763,42 +867,27 @@ impl Store {
         if leases.refs.contains_key(id) {
             return Err(StoreError::Leased(*id));
         }
-        let removed = self.remove_locked(id, None)?;
+        let removed = self.write_index().remove(id);
         drop(leases);
-        if removed.is_some() {
-            crate::sys::fsync_dir(&self.fanout_dir(id))?;
-        }
-        Ok(removed.is_some())
-    }
-
-    /// Unlinks and unindexes `id` if held and (with `cutoff`) not used after it.
-    /// Returns the stored bytes freed. The caller holds the leases lock.
-    fn remove_locked(&self, id: &Digest, cutoff: Option<u64>) -> Result<Option<u64>, StoreError> {
-        let mut idx = self.write_index();
-        let Some(e) = idx.map.get(id) else {
-            return Ok(None);
-        };
-        if let Some(c) = cutoff {
-            if e.last_used.load(Ordering::Relaxed) > c {
-                return Ok(None);
+        match removed {
+            Some(e) => {
+                self.commit_tombstones(&[(*id, e.pack, e.offset)])?;
+                Ok(true)
             }
+            None => Ok(false),
         }
-        let path = self.chunk_path(id, e.raw_len);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("remove", &path, e)),
-        }
-        Ok(idx.remove(id).map(|e| e.stored_len as u64))
     }
 
-    /// A batch of writes made durable together by [`Batch::commit`]: much faster than
-    /// one fsync per chunk when storing many chunks.
+    /// A batch of writes made durable together by [`Batch::commit`]: one write and
+    /// one fdatasync for all of them.
     pub fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
+            recs: Records::default(),
             pending: Vec::new(),
-            ids: HashSet::new(),
+            ids: FastSet::default(),
+            committed: 0,
+            flush_failed: false,
         }
     }
 
@@ -937,7 +1026,7 @@ impl Store {
         let cutoff = now.saturating_sub(policy.min_age.as_nanos().min(u64::MAX as u128) as u64);
         let now_ms = now / 1_000_000;
         let mut report = GcReport::default();
-        let mut touched_dirs: HashSet<u8> = HashSet::new();
+        let mut tombs: Vec<(Digest, u32, u64)> = Vec::new();
 
         // 1. Drop expired leases; remember what they named.
         let mut orphaned: Vec<Digest> = Vec::new();
@@ -961,17 +1050,21 @@ impl Store {
             }
         }
 
-        let mut try_remove = |id: &Digest, report: &mut GcReport| -> Result<(), StoreError> {
+        let mut try_remove = |id: &Digest, report: &mut GcReport| {
             let leases = self.lock_leases();
             if leases.refs.contains_key(id) {
-                return Ok(());
+                return;
             }
-            if let Some(freed) = self.remove_locked(id, Some(cutoff))? {
+            let mut idx = self.write_index();
+            let Some(e) = idx.map.get(id) else { return };
+            if e.last_used.load(Ordering::Relaxed) > cutoff {
+                return;
+            }
+            if let Some(e) = idx.remove(id) {
                 report.removed.push(*id);
-                report.freed_bytes += freed;
-                touched_dirs.insert(id.0[0]);
+                report.freed_bytes += e.stored_len as u64;
+                tombs.push((*id, e.pack, e.offset));
             }
-            Ok(())
         };
 
         // 2. Chunks whose only protection was an expired lease.
@@ -979,7 +1072,7 @@ impl Store {
             let mut seen = HashSet::new();
             for id in &orphaned {
                 if seen.insert(*id) {
-                    try_remove(id, &mut report)?;
+                    try_remove(id, &mut report);
                 }
             }
         }
@@ -999,17 +1092,147 @@ impl Store {
                     if self.read_index().stored <= cap {
                         break;
                     }
-                    try_remove(&id, &mut report)?;
+                    try_remove(&id, &mut report);
                 }
             }
         }
+        self.commit_tombstones(&tombs)?;
 
-        for b in touched_dirs {
-            crate::sys::fsync_dir(&self.chunks_dir.join(format!("{b:02x}")))?;
-        }
+        // 4. Compaction.
+        report.packs_compacted = self.compact()?;
         report.stored_bytes = self.read_index().stored;
         report.over_cap = policy.max_bytes.is_some_and(|c| report.stored_bytes > c);
         Ok(report)
+    }
+
+    /// Compacts the packs that are more than half dead; returns how many.
+    fn compact(&self) -> Result<usize, StoreError> {
+        {
+            // An active pack that is big enough and mostly dead is sealed first.
+            let mut active = self.lock_active();
+            let half_dead = {
+                let idx = self.read_index();
+                idx.packs
+                    .get(&active.seq)
+                    .is_some_and(|p| p.len >= COMPACT_MIN && p.live * 2 < p.len - HEADER_LEN)
+            };
+            if half_dead {
+                self.roll(&mut active)?;
+            }
+        }
+        let victims: Vec<u32> = {
+            let active = self.lock_active().seq;
+            let idx = self.read_index();
+            idx.packs
+                .iter()
+                .filter(|(seq, p)| {
+                    **seq != active && (p.live == 0 || p.live * 2 < p.len - HEADER_LEN)
+                })
+                .map(|(seq, _)| *seq)
+                .collect()
+        };
+        for seq in &victims {
+            self.compact_pack(*seq)?;
+        }
+        Ok(victims.len())
+    }
+
+    /// Copies the live chunks of sealed pack `seq`, and its tombstones whose target
+    /// pack still exists, into the active pack; then deletes it.
+    fn compact_pack(&self, seq: u32) -> Result<(), StoreError> {
+        let path = self.packs_dir.join(pack_name(seq));
+        let (file, live, tombs) = {
+            let idx = self.read_index();
+            let Some(p) = idx.packs.get(&seq) else {
+                return Ok(());
+            };
+            let mut live: Vec<(Digest, u64, u32, u32, u64)> = idx
+                .map
+                .iter()
+                .filter(|(_, e)| e.pack == seq)
+                .map(|(id, e)| {
+                    (
+                        *id,
+                        e.offset,
+                        e.raw_len,
+                        e.stored_len,
+                        e.last_used.load(Ordering::Relaxed),
+                    )
+                })
+                .collect();
+            live.sort_unstable_by_key(|l| l.1);
+            let tombs: Vec<Tomb> = p
+                .tombs
+                .iter()
+                .filter(|t| t.pack != seq && idx.packs.contains_key(&t.pack))
+                .copied()
+                .collect();
+            (Arc::clone(&p.file), live, tombs)
+        };
+        // Copy in slices of at most BATCH_FLUSH bytes.
+        let mut i = 0;
+        let mut tombs_left = Some(tombs);
+        while i < live.len() || tombs_left.is_some() {
+            let mut recs = Records::default();
+            let mut moved = Vec::new();
+            let carried = tombs_left.take().unwrap_or_default();
+            for t in &carried {
+                recs.tombstone(t.id, t.pack, t.offset);
+            }
+            let mut frame = Vec::new();
+            while i < live.len() && recs.buf.len() < BATCH_FLUSH {
+                let (id, offset, raw_len, stored_len, used) = live[i];
+                i += 1;
+                frame.resize(stored_len as usize, 0);
+                file.read_exact_at(&mut frame, offset)
+                    .map_err(|e| StoreError::io("read", &path, e))?;
+                let at = recs.chunk(id, raw_len, &frame, used);
+                moved.push((id, offset, at, raw_len, stored_len, used));
+            }
+            if recs.is_empty() {
+                break;
+            }
+            let mut active = self.lock_active();
+            let (to, base) = self.append(&mut active, &mut recs)?;
+            let mut idx = self.write_index();
+            for (id, old, at, raw_len, stored_len, used) in moved {
+                // Only if nobody removed or replaced it meanwhile; otherwise the copy
+                // is dead on arrival.
+                if idx.remove_at(&id, seq, old).is_some() {
+                    idx.insert(
+                        id,
+                        Entry {
+                            pack: to,
+                            raw_len,
+                            stored_len,
+                            offset: base + at,
+                            last_used: AtomicU64::new(used),
+                        },
+                    );
+                }
+            }
+            if let Some(p) = idx.packs.get_mut(&to) {
+                p.len = active.len;
+                p.tombs.extend(carried);
+            }
+        }
+        // Everything live in it now lives elsewhere (committed): drop the file.
+        {
+            let _active = self.lock_active();
+            let mut idx = self.write_index();
+            if idx.map.values().any(|e| e.pack == seq) {
+                // A writer cannot add to a sealed pack; only a racing compaction
+                // could leave entries here. Keep the pack.
+                return Ok(());
+            }
+            idx.packs.remove(&seq);
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove", &path, e)),
+        }
+        crate::sys::fsync_dir(&self.packs_dir)
     }
 
     /// Deletes the files in `quarantine/`; returns how many.
@@ -1027,6 +1250,104 @@ impl Store {
         self.quarantined.store(0, Ordering::Relaxed);
         Ok(n)
     }
+}
+
+/// Creates pack `seq` durably: header written and fsynced, directory fsynced.
+fn create_pack(packs_dir: &Path, seq: u32) -> Result<File, StoreError> {
+    let path = packs_dir.join(pack_name(seq));
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| StoreError::io("create", &path, e))?;
+    f.write_all_at(&pack::encode_header(seq), 0)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| StoreError::io("write", &path, e))?;
+    crate::sys::fsync_dir(packs_dir)?;
+    Ok(f)
+}
+
+/// Reads every pack in sequence order into an index; returns it and the active
+/// pack (the newest, its torn tail cut off; created if there is none).
+fn load_packs(packs_dir: &Path, quarantine_dir: &Path) -> Result<(Index, Active), StoreError> {
+    let mut seqs = Vec::new();
+    let rd = fs::read_dir(packs_dir).map_err(|e| StoreError::io("read dir", packs_dir, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| StoreError::io("read dir", packs_dir, e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = parse_pack_name(name) {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    let mut idx = Index::default();
+    let mut active: Option<Active> = None;
+    let newest = seqs.last().copied();
+    for seq in seqs {
+        let path = packs_dir.join(pack_name(seq));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        let is_newest = Some(seq) == newest;
+        let scan = match pack::scan(&file, &path, seq, is_newest) {
+            Ok(s) => s,
+            Err(ScanError::Io(e)) => return Err(e),
+            Err(ScanError::Header) => {
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                if is_newest && len <= HEADER_LEN {
+                    // Torn at creation: nothing was ever committed to it.
+                    drop(file);
+                    fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
+                    crate::sys::fsync_dir(packs_dir)?;
+                    continue;
+                }
+                // Not a pack this build can read: set aside, never served.
+                let q = quarantine_dir.join(format!("{}.{}", pack_name(seq), now_ns()));
+                fs::rename(&path, &q).map_err(|e| StoreError::io("quarantine", &path, e))?;
+                crate::sys::fsync_dir(packs_dir)?;
+                crate::sys::fsync_dir(quarantine_dir)?;
+                continue;
+            }
+        };
+        let file = Arc::new(file);
+        if is_newest {
+            let len = file
+                .metadata()
+                .map_err(|e| StoreError::io("stat", &path, e))?
+                .len();
+            if scan.valid_len < len {
+                file.set_len(scan.valid_len)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| StoreError::io("truncate", &path, e))?;
+            }
+            active = Some(Active {
+                seq,
+                file: Arc::clone(&file),
+                len: scan.valid_len,
+            });
+        }
+        idx.packs.insert(seq, PackMeta::new(&file, scan.valid_len));
+        idx.apply(seq, &scan.found);
+    }
+    let active = match active {
+        Some(a) => a,
+        None => {
+            let seq = idx.packs.keys().next_back().map_or(1, |s| s + 1);
+            let file = Arc::new(create_pack(packs_dir, seq)?);
+            idx.packs.insert(seq, PackMeta::new(&file, HEADER_LEN));
+            Active {
+                seq,
+                file,
+                len: HEADER_LEN,
+            }
+        }
+    };
+    Ok((idx, active))
 }
 
 /// Decompresses `frame_bytes` (bounded by `raw_len`) and checks its digest.
@@ -1134,15 +1455,23 @@ fn decode_lease(b: &[u8]) -> Result<Lease, &'static str> {
     })
 }
 
-/// Writes collected by [`Store::batch`]: each `put` writes a temporary file (no
-/// fsync); [`Batch::commit`] makes them all durable with one `syncfs`, renames them
-/// into place, indexes them, and `syncfs`es again. Chunks become visible (`has`,
-/// `get`) at commit. Dropping a batch without committing deletes its temporary
-/// files. Keep batches to a few thousand chunks or a few hundred MB.
+/// Writes collected by [`Store::batch`]: each `put` verifies (or compresses) the chunk
+/// and adds its record to a buffer in memory; [`Batch::commit`] appends them all to
+/// the active pack with one write and one `fdatasync`, then indexes them. Chunks
+/// become visible (`has`, `get`) at commit. A batch whose buffer reaches 8 MiB
+/// commits what it holds and goes on (so chunks may become visible before
+/// [`Batch::commit`]; a dropped batch keeps what it committed so far). Dropping a
+/// batch discards what was not committed.
 pub struct Batch<'a> {
     store: &'a Store,
-    pending: Vec<(Digest, PathBuf, u32, u32)>,
-    ids: HashSet<Digest>,
+    recs: Records,
+    /// (id, frame offset in `recs`, raw_len, stored_len) of each chunk record.
+    pending: Vec<(Digest, u64, u32, u32)>,
+    ids: FastSet<Digest>,
+    committed: usize,
+    /// An automatic flush failed: the chunks it held are lost, so the batch must not
+    /// report success at commit.
+    flush_failed: bool,
 }
 
 impl std::fmt::Debug for Batch<'_> {
@@ -1162,7 +1491,7 @@ impl Batch<'_> {
             return Ok(id);
         }
         let frame_bytes = frame::encode(data)?;
-        self.write(id, &frame_bytes, data.len() as u32)?;
+        self.add(id, &frame_bytes, data.len() as u32)?;
         Ok(id)
     }
 
@@ -1179,20 +1508,21 @@ impl Batch<'_> {
             return Ok(false);
         }
         verify_frame(&id, frame_bytes, raw_len)?;
-        self.write(id, frame_bytes, raw_len)?;
+        self.add(id, frame_bytes, raw_len)?;
         Ok(true)
     }
 
-    fn write(&mut self, id: Digest, frame_bytes: &[u8], raw_len: u32) -> Result<(), StoreError> {
-        let dir = self.store.fanout_dir(&id);
-        let tmp = self.store.tmp_path(&dir, &id);
-        if let Err(e) = write_file(&tmp, frame_bytes, false) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+    fn add(&mut self, id: Digest, frame_bytes: &[u8], raw_len: u32) -> Result<(), StoreError> {
+        let at = self.recs.chunk(id, raw_len, frame_bytes, now_ns());
         self.ids.insert(id);
         self.pending
-            .push((id, tmp, raw_len, frame_bytes.len() as u32));
+            .push((id, at, raw_len, frame_bytes.len() as u32));
+        if self.recs.buf.len() >= BATCH_FLUSH {
+            if let Err(e) = self.flush() {
+                self.flush_failed = true;
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -1206,34 +1536,54 @@ impl Batch<'_> {
         self.pending.is_empty()
     }
 
-    /// Makes every chunk of the batch durable and visible; returns how many were
-    /// written.
-    pub fn commit(mut self) -> Result<usize, StoreError> {
-        let n = self.pending.len();
-        if n == 0 {
-            return Ok(0);
+    /// Appends and indexes what is pending.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.recs.is_empty() {
+            return Ok(());
         }
-        let lock_path = self.store.dir.join("LOCK");
-        crate::sys::syncfs(&self.store.lock, &lock_path)?;
-        let items = std::mem::take(&mut self.pending);
-        let result = self.store.commit_tmp(&items);
-        if result.is_err() {
-            // Whatever was not renamed is still a temporary file: remove it.
-            for (_, tmp, _, _) in &items {
-                let _ = fs::remove_file(tmp);
-            }
+        let mut recs = std::mem::take(&mut self.recs);
+        let pending = std::mem::take(&mut self.pending);
+        self.ids.clear();
+        let store = self.store;
+        let mut active = store.lock_active();
+        let (seq, base) = store.append(&mut active, &mut recs)?;
+        let mut idx = store.write_index();
+        if let Some(p) = idx.packs.get_mut(&seq) {
+            p.len = active.len;
         }
-        result?;
-        crate::sys::syncfs(&self.store.lock, &lock_path)?;
-        Ok(n)
+        let now = now_ns();
+        for (id, at, raw_len, stored_len) in &pending {
+            // Another writer may have committed the same chunk meanwhile: the later
+            // record wins, the earlier one is dead (the scan at open agrees).
+            idx.insert(
+                *id,
+                Entry {
+                    pack: seq,
+                    raw_len: *raw_len,
+                    stored_len: *stored_len,
+                    offset: base + at,
+                    last_used: AtomicU64::new(now),
+                },
+            );
+        }
+        self.committed += pending.len();
+        Ok(())
     }
-}
 
-impl Drop for Batch<'_> {
-    fn drop(&mut self) {
-        for (_, tmp, _, _) in &self.pending {
-            let _ = fs::remove_file(tmp);
+    /// Makes every chunk of the batch durable and visible; returns how many were
+    /// written (including those an 8 MiB flush committed earlier).
+    /// If an automatic flush failed earlier, the chunks it held were not stored and
+    /// this returns an error (after storing what is still pending).
+    pub fn commit(mut self) -> Result<usize, StoreError> {
+        self.flush()?;
+        if self.flush_failed {
+            return Err(StoreError::io(
+                "commit",
+                &self.store.packs_dir,
+                std::io::Error::other("an earlier flush of this batch failed"),
+            ));
         }
+        Ok(self.committed)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The few system calls std does not wrap: `flock` (one process per store) and
-//! `syncfs` (one flush for a batch of chunk files), plus directory fsync.
+//! `mmap`, plus directory fsync.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -28,24 +28,6 @@ pub(crate) fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
         Ok(false)
     } else {
         Err(err)
-    }
-}
-
-/// Flushes every dirty page and metadata change of the file system holding `file`
-/// (Linux `syncfs`, which waits for the writes and reports write-back errors since
-/// Linux 5.8). One call replaces an fsync per file for a batch.
-pub(crate) fn syncfs(file: &File, path: &Path) -> Result<(), StoreError> {
-    // SAFETY: syncfs takes only a descriptor, which stays valid while `file` is
-    // borrowed; it touches no memory of ours.
-    let rc = unsafe { libc::syncfs(file.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(StoreError::io(
-            "syncfs",
-            path,
-            std::io::Error::last_os_error(),
-        ))
     }
 }
 

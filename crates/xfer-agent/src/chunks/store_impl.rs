@@ -57,8 +57,8 @@ impl ChunkStore for Store {
             .map_err(|e| put_error(id, e))
     }
 
-    /// One [`xfer_store::Batch`]: the chunk files are written without an fsync each
-    /// and made durable together at commit (a received batch of 4 KiB pages is ~256
+    /// One [`xfer_store::Batch`]: the chunks are appended to the store's pack with one
+    /// write and one fdatasync at commit (a received batch of 4 KiB pages is ~256
     /// chunks; one fsync per chunk would cost more than the rest of storing them).
     fn put_verified_many(&self, chunks: &[(Digest, &[u8], u32)]) -> Vec<Result<(), ChunkError>> {
         let mut batch = self.batch();
