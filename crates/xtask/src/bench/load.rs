@@ -213,10 +213,11 @@ pub fn expected_keys(before: u64, rep: &LoadReport) -> u64 {
     before + rep.last_set + u64::from(rep.last_incr > 0)
 }
 
-/// A Lua script that deletes the load's keys (k:1..=ARGV[1] and ctr) and returns DBSIZE,
-/// so one server can take several load runs.
+/// A Lua script that deletes the load's keys (`k:1..=ARGV[1]`) and its counter (`kctr`:
+/// the load generator's default key prefix is `k`) and returns DBSIZE, so one server
+/// can take several load runs.
 pub const RESET_SCRIPT: &str = "for i=1,tonumber(ARGV[1]) do redis.call('DEL','k:'..i) end \
-     redis.call('DEL','ctr') return redis.call('DBSIZE')";
+     redis.call('DEL','kctr') return redis.call('DBSIZE')";
 
 #[cfg(test)]
 mod tests {
