@@ -32,6 +32,7 @@ pub mod migrate;
 pub mod netctl;
 pub mod node;
 pub mod rebind;
+pub mod snapshots;
 pub mod sync;
 pub mod tls;
 pub mod transfer;

@@ -135,6 +135,8 @@ pub async fn run(
     let policy = RoundPolicy::from_request(mode, req);
     let rt = &node.rt;
     let rt_err = |step: Step| move |source| AgentError::Runtime { step, source };
+    // No snapshot dump of the container while it moves (crate::snapshots).
+    let _quiet = node.quiet_snapshots(id).await;
 
     // Validate: refuse bad input before anything is frozen.
     let t = Instant::now();
@@ -786,7 +788,7 @@ pub async fn cutover<R: Runtime, D: Destination>(
     }
 }
 
-fn criu_files(dir: &std::path::Path) -> Result<Vec<OutFile>, AgentError> {
+pub(crate) fn criu_files(dir: &std::path::Path) -> Result<Vec<OutFile>, AgentError> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|source| AgentError::ReadFile {
         path: dir.to_path_buf(),

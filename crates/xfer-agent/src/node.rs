@@ -83,6 +83,8 @@ pub struct Node {
     inbound: Arc<Mutex<HashMap<String, Inbound>>>,
     /// The cluster knowledge base (issue 6): neighbours as sources of a fetch.
     kb: Option<Arc<crate::kb::Kb>>,
+    /// The snapshot cache (issue 6), if snapshots are taken here.
+    snapshots: Option<Arc<crate::snapshots::Keeper>>,
 }
 
 fn refuse(msg: impl Into<String>) -> Status {
@@ -130,6 +132,7 @@ impl Node {
             store,
             inbound: Arc::new(Mutex::new(HashMap::new())),
             kb: None,
+            snapshots: None,
         })
     }
 
@@ -144,6 +147,26 @@ impl Node {
     /// The knowledge base, if configured.
     pub fn kb(&self) -> Option<&Arc<crate::kb::Kb>> {
         self.kb.as_ref()
+    }
+
+    /// This node with the snapshot cache `keeper` (its passes run through
+    /// [`crate::snapshots::spawn`]).
+    pub fn with_snapshots(mut self, keeper: Arc<crate::snapshots::Keeper>) -> Self {
+        self.snapshots = Some(keeper);
+        self
+    }
+
+    /// The snapshot cache, if any.
+    pub fn snapshots(&self) -> Option<&Arc<crate::snapshots::Keeper>> {
+        self.snapshots.as_ref()
+    }
+
+    /// Keeps the snapshot cache from dumping container `id` while the guard lives.
+    pub(crate) async fn quiet_snapshots(&self, id: &str) -> Option<crate::snapshots::QuietGuard> {
+        match &self.snapshots {
+            Some(k) => Some(k.quiet(id).await),
+            None => None,
+        }
     }
 
     /// Drops inbound migrations whose source went silent (see [`INBOUND_EXPIRY`]);
@@ -294,6 +317,12 @@ impl Node {
             let moving = xfer_kb::Moving {
                 container: Some(inb.container_id.clone()),
                 service: inb.manifest.as_ref().map(|m| m.digest.clone()),
+                volumes: r
+                    .objects
+                    .iter()
+                    .filter(|o| o.kind == FileKind::Volume as i32 && o.name.starts_with("rw-"))
+                    .map(|o| crate::snapshots::volume_guid(&inb.container_id, &o.name))
+                    .collect(),
             };
             (
                 inb.dir.clone(),

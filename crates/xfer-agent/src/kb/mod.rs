@@ -77,6 +77,9 @@ pub struct KbConfig {
     /// How candidates are scored.
     #[serde(default)]
     pub policy: CandidatePolicy,
+    /// Snapshot caching on every host (`xferd --snapshot-*` flags override it).
+    #[serde(default)]
+    pub snapshots: Option<crate::snapshots::SnapshotConfig>,
 }
 
 impl KbConfig {
@@ -450,6 +453,7 @@ impl Kb {
         if let Some(s) = &moving.service {
             queries.push(SnapshotQuery::Service(s.clone()));
         }
+        queries.extend(moving.volumes.iter().cloned().map(SnapshotQuery::Volume));
         let snaps = futures::future::join_all(queries.iter().map(|q| self.directory.snapshots(q)));
         let (answer, snaps) = futures::join!(self.directory.holders(missing), snaps);
         let snapshots: Vec<Snapshot> = snaps
@@ -463,6 +467,9 @@ impl Kb {
             })
             .flatten()
             .collect();
+        for s in &snapshots {
+            tracing::info!(host = %s.host, subject = ?s.subject, service = ?s.service, taken = %s.taken, "snapshot known");
+        }
         plan.ask_micros = t.elapsed().as_micros() as u64;
         let answer = match answer {
             Ok(a) => a,

@@ -102,6 +102,7 @@ async fn cluster_with(
         hosts,
         neighbours: BTreeMap::new(),
         policy: Default::default(),
+        snapshots: None,
     };
     let mut out = Vec::new();
     for (i, ((front, _), (l, _))) in ls.into_iter().zip(backs).enumerate() {
