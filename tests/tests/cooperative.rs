@@ -203,3 +203,157 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
     })
     .await;
 }
+
+/// Snapshot caching (issue 6, deliverable 2): h3 merely runs `twin`, a container of
+/// the same service whose volume holds the same data as `app`'s on h1; h3's agent
+/// snapshots that volume into its store and announces it. When `app` later moves
+/// h1 -> h2, h2 takes most of the volume from h3, which never took part in a
+/// migration. Memory snapshots are on too (CRIU dumps leaving the tasks running,
+/// every 2 s on every host, `app` on h1 included while it migrates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_only_snapshotted_serves_a_later_migration() {
+    xfer_tests::require_root_stack();
+    xfer_tests::become_subreaper();
+    let prefix = lab_prefix("tsn");
+    let hosts = ["h1", "h2", "h3"];
+    let lab = xfer_lab::up(&LabSpec {
+        prefix: prefix.clone(),
+        nodes: 3,
+        rates: hosts.iter().map(|h| (h.to_string(), 40_000_000)).collect(),
+        xferd: xferd_path(),
+        handover: Default::default(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
+    let mut lab = TestLab { lab };
+    let endpoints: serde_json::Map<String, serde_json::Value> = hosts
+        .iter()
+        .map(|h| {
+            let ep = lab.lab.host(h).expect("host").endpoint.clone();
+            (h.to_string(), serde_json::Value::String(ep))
+        })
+        .collect();
+    let cfg = serde_json::json!({
+        "mode": "online_query",
+        "hosts": endpoints,
+        "snapshots": {"period_secs": 2, "max_age_secs": 600, "memory": true},
+    });
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let cfg_path = cfg_dir.path().join("kb.json");
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
+    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
+    for h in hosts {
+        xfer_lab::restart_agent(&mut lab.lab, h)
+            .await
+            .unwrap_or_else(|e| panic!("restart {h}: {}", chain(&e)));
+    }
+    std::env::remove_var("XFER_KB_CONFIG");
+    for h in hosts {
+        lab.import(h, "busybox").await;
+    }
+
+    // The same data in the named volume `data` on h1 and on h3.
+    let mut blob = vec![0u8; BLOB as usize];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for b in blob.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = (x >> 24) as u8;
+    }
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for h in ["h1", "h3"] {
+        let dir = lab
+            .lab
+            .host(h)
+            .expect("host")
+            .work_dir()
+            .join("volumes/data");
+        std::fs::create_dir_all(&dir).expect("mkdir volume");
+        std::fs::write(dir.join("blob"), &blob).expect("write blob");
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("blob"))
+            .and_then(|f| f.set_modified(when))
+            .expect("mtime");
+    }
+    let h3_store = lab.lab.host("h3").expect("h3").work_dir().join("store");
+    let h3_before = dir_bytes(&h3_store);
+
+    let mut h3 = lab.agent("h3").await;
+    h3.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
+    h3.run("twin", "busybox", &sh("while true; do sleep 1; done"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("run twin: {}", chain(&e)));
+    let mut h1 = lab.agent("h1").await;
+    h1.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
+    h1.run(
+        "app",
+        "busybox",
+        &sh("i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("run app: {}", chain(&e)));
+    let pid1 = running_pid(&mut h1).await;
+
+    // h3's agent snapshots twin's volume and memory: its store fills, its index names
+    // both.
+    let index = lab
+        .lab
+        .host("h3")
+        .expect("h3")
+        .work_dir()
+        .join("snapshots/index.json");
+    let held: serde_json::Value =
+        wait_for("h3's snapshots of twin", Duration::from_secs(60), || {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).ok()?).ok()?;
+            let has = |subject: serde_json::Value| {
+                v.as_array()
+                    .is_some_and(|a| a.iter().any(|h| h["snapshot"]["subject"] == subject))
+            };
+            let volume = has(serde_json::json!({"kind": "volume", "id": "twin/rw-0"}));
+            let memory = has(serde_json::json!({"kind": "container", "id": "twin"}));
+            (volume && memory).then_some(v)
+        })
+        .await;
+    let subjects: Vec<&serde_json::Value> = held
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| &h["snapshot"]["subject"])
+        .collect();
+    eprintln!("h3 holds snapshots of {subjects:?}");
+    let h3_after = dir_bytes(&h3_store);
+    assert!(
+        h3_after > h3_before + BLOB / 2,
+        "h3's store holds the snapshot's chunks ({h3_before} -> {h3_after} bytes)"
+    );
+    wait_for("app's counter", Duration::from_secs(30), || {
+        (count(pid1) > 5).then_some(())
+    })
+    .await;
+
+    // app h1 -> h2: most of the volume comes from h3's snapshot.
+    let r = migrate(&lab, "h1", "h2").await;
+    let src = by_source(&r);
+    eprintln!("h1 -> h2 wire bytes per source: {src:?}");
+    let from_h3 = src.get("h3").copied().unwrap_or(0);
+    let from_source = src.get("source").copied().unwrap_or(0);
+    assert!(
+        from_h3 > BLOB * 3 / 4,
+        "h2 took most of the volume from h3's snapshot: {src:?}"
+    );
+    assert!(
+        from_source < BLOB / 4,
+        "the source served little of the volume: {src:?}"
+    );
+    let mut h2 = lab.agent("h2").await;
+    let pid2 = running_pid(&mut h2).await;
+    assert!(blob_of(pid2) == blob, "the volume arrived intact at h2");
+    let c2 = count(pid2);
+    wait_for("the counter on h2", Duration::from_secs(10), || {
+        (count(pid2) > c2).then_some(())
+    })
+    .await;
+}
