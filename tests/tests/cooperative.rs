@@ -69,15 +69,15 @@ fn blob_of(pid: u32) -> Vec<u8> {
     std::fs::read(format!("/proc/{pid}/root/data/blob")).expect("read the blob")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
+/// A lab of `hosts` (every link 40 Mbit/s) whose agents run the knowledge base of
+/// on-line queries, `extra` merged into its configuration, and have busybox.
+async fn kb_lab(tag: &str, hosts: &[&str], extra: serde_json::Value) -> TestLab {
     xfer_tests::require_root_stack();
     xfer_tests::become_subreaper();
-    let prefix = lab_prefix("tco");
-    let hosts = ["h1", "h2", "h3", "h4"];
+    let prefix = lab_prefix(tag);
     let lab = xfer_lab::up(&LabSpec {
         prefix: prefix.clone(),
-        nodes: 4,
+        nodes: hosts.len(),
         rates: hosts.iter().map(|h| (h.to_string(), 40_000_000)).collect(),
         xferd: xferd_path(),
         handover: Default::default(),
@@ -85,8 +85,6 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
     .await
     .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
     let mut lab = TestLab { lab };
-
-    // Every agent gets the knowledge base: on-line queries; h4 asks h1 only.
     let endpoints: serde_json::Map<String, serde_json::Value> = hosts
         .iter()
         .map(|h| {
@@ -94,11 +92,10 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
             (h.to_string(), serde_json::Value::String(ep))
         })
         .collect();
-    let cfg = serde_json::json!({
-        "mode": "online_query",
-        "hosts": endpoints,
-        "neighbours": {"h4": ["h1"]},
-    });
+    let mut cfg = serde_json::json!({"mode": "online_query", "hosts": endpoints});
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
     let cfg_dir = tempfile::tempdir().expect("tempdir");
     let cfg_path = cfg_dir.path().join("kb.json");
     std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
@@ -112,6 +109,18 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
     for h in hosts {
         lab.import(h, "busybox").await;
     }
+    lab
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
+    // Every agent gets the knowledge base: on-line queries; h4 asks h1 only.
+    let lab = kb_lab(
+        "tco",
+        &["h1", "h2", "h3", "h4"],
+        serde_json::json!({"neighbours": {"h4": ["h1"]}}),
+    )
+    .await;
 
     let mut h1 = lab.agent("h1").await;
     h1.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
@@ -212,45 +221,14 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
 /// every 2 s on every host, `app` on h1 included while it migrates).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbour_that_only_snapshotted_serves_a_later_migration() {
-    xfer_tests::require_root_stack();
-    xfer_tests::become_subreaper();
-    let prefix = lab_prefix("tsn");
-    let hosts = ["h1", "h2", "h3"];
-    let lab = xfer_lab::up(&LabSpec {
-        prefix: prefix.clone(),
-        nodes: 3,
-        rates: hosts.iter().map(|h| (h.to_string(), 40_000_000)).collect(),
-        xferd: xferd_path(),
-        handover: Default::default(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
-    let mut lab = TestLab { lab };
-    let endpoints: serde_json::Map<String, serde_json::Value> = hosts
-        .iter()
-        .map(|h| {
-            let ep = lab.lab.host(h).expect("host").endpoint.clone();
-            (h.to_string(), serde_json::Value::String(ep))
-        })
-        .collect();
-    let cfg = serde_json::json!({
-        "mode": "online_query",
-        "hosts": endpoints,
-        "snapshots": {"period_secs": 2, "max_age_secs": 600, "memory": true},
-    });
-    let cfg_dir = tempfile::tempdir().expect("tempdir");
-    let cfg_path = cfg_dir.path().join("kb.json");
-    std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
-    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
-    for h in hosts {
-        xfer_lab::restart_agent(&mut lab.lab, h)
-            .await
-            .unwrap_or_else(|e| panic!("restart {h}: {}", chain(&e)));
-    }
-    std::env::remove_var("XFER_KB_CONFIG");
-    for h in hosts {
-        lab.import(h, "busybox").await;
-    }
+    let lab = kb_lab(
+        "tsn",
+        &["h1", "h2", "h3"],
+        serde_json::json!({
+            "snapshots": {"period_secs": 2, "max_age_secs": 600, "memory": true},
+        }),
+    )
+    .await;
 
     // The same data in the named volume `data` on h1 and on h3.
     let mut blob = vec![0u8; BLOB as usize];
