@@ -335,3 +335,61 @@ async fn a_neighbour_that_only_snapshotted_serves_a_later_migration() {
     })
     .await;
 }
+
+/// Image layers as chunks: h1 and h3 have the `bulky` image (a 40 MB layer), h2 does
+/// not. Each agent chunks its images' blobs into its store and announces them; when
+/// a container of that image moves h1 -> h2, h2 takes the layer's chunks from h3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_layers_come_from_a_neighbour_that_holds_the_image() {
+    let lab = kb_lab("tly", &["h1", "h2", "h3"], serde_json::json!({})).await;
+    lab.import("h1", "bulky").await;
+    lab.import("h3", "bulky").await;
+    let bulk = xfer_lab::BULKY_BYTES as u64;
+    let h3_store = lab.lab.host("h3").expect("h3").work_dir().join("store");
+    wait_for("h3 chunks its bulky image", Duration::from_secs(90), || {
+        (dir_bytes(&h3_store) > bulk * 9 / 10).then_some(())
+    })
+    .await;
+
+    let mut h1 = lab.agent("h1").await;
+    h1.run(
+        "app",
+        "bulky",
+        &sh("i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("run app: {}", chain(&e)));
+    running_pid(&mut h1).await;
+    let r = migrate(&lab, "h1", "h2").await;
+    let mut img = std::collections::BTreeMap::new();
+    for s in &r.image_sources {
+        *img.entry(s.source.clone()).or_insert(0u64) += s.wire_bytes;
+    }
+    eprintln!(
+        "h1 -> h2: {} image blobs sent, {} skipped; image bytes per source {img:?}",
+        r.image_blobs_sent, r.image_blobs_skipped
+    );
+    assert!(r.image_blobs_sent >= 2, "h2 lacked the image: {r:?}");
+    assert!(
+        img.get("h3").copied().unwrap_or(0) > bulk * 3 / 4,
+        "h2 took the layer from the neighbour h3: {img:?}"
+    );
+    assert!(
+        img.get("source").copied().unwrap_or(0) < bulk / 4,
+        "the source served little of the image: {img:?}"
+    );
+    let mut h2 = lab.agent("h2").await;
+    let pid2 = running_pid(&mut h2).await;
+    let data =
+        std::fs::read(format!("/proc/{pid2}/root/opt/bulk/data")).expect("read the layer's file");
+    assert!(
+        data == xfer_lab::bulk_bytes(xfer_lab::BULKY_BYTES),
+        "the layer arrived intact"
+    );
+    let c = xfer_tests::read_number(pid2, "/count");
+    wait_for("the counter on h2", Duration::from_secs(10), || {
+        (xfer_tests::read_number(pid2, "/count") > c).then_some(())
+    })
+    .await;
+}

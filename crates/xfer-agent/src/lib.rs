@@ -28,6 +28,7 @@ pub mod error;
 pub mod handover;
 pub mod images;
 pub mod kb;
+pub mod layers;
 pub mod migrate;
 pub mod netctl;
 pub mod node;

@@ -24,7 +24,7 @@ use crate::error::AgentError;
 use crate::images;
 use crate::node::{phase, Node};
 use crate::tls::TlsFiles;
-use crate::transfer::{produce, OutFile, Sent};
+use crate::transfer::OutFile;
 
 type Events = mpsc::Sender<Result<MigrateEvent, Status>>;
 
@@ -99,26 +99,6 @@ pub async fn connect_peer(
         .into_inner();
     xfer_proto::check_version(hello.version).map_err(AgentError::Decode)?;
     Ok((c, hello))
-}
-
-async fn send_files(
-    peer: &mut AgentClient<Channel>,
-    mid: &str,
-    files: Vec<OutFile>,
-) -> Result<Sent, AgentError> {
-    let (tx, rx) = mpsc::channel(8);
-    let mid_owned = mid.to_string();
-    let producer = tokio::task::spawn_blocking(move || produce(mid_owned, files, tx));
-    let call = peer.put_files(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let res = call.await;
-    let sent = producer
-        .await
-        .map_err(|e| AgentError::Refused(format!("file producer panicked: {e}")))?;
-    res.map_err(|status| AgentError::Peer {
-        step: Step::Transfer,
-        status,
-    })?;
-    sent
 }
 
 /// Runs one migration; on failure after the freeze, the source resumes.
@@ -235,6 +215,7 @@ pub async fn run(
 
     let out_dir = node.cfg.work_dir.join("out").join(mid);
     let mut rounds = Vec::new();
+    let mut image_sources = Vec::new();
     let result = run_after_prepare(
         node,
         mid,
@@ -246,6 +227,7 @@ pub async fn run(
         &mut phases,
         &mut rounds,
         &out_dir,
+        &mut image_sources,
     )
     .await;
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -328,6 +310,7 @@ pub async fn run(
         image_blobs_skipped: (total - missing.len()) as u32,
         rounds,
         mode: format!("{mode:?}").to_lowercase(),
+        image_sources,
     })
 }
 
@@ -515,51 +498,21 @@ async fn run_after_prepare(
     phases: &mut Vec<PhaseTiming>,
     rounds: &mut Vec<RoundReport>,
     out_dir: &std::path::Path,
+    image_sources: &mut Vec<xfer_proto::v1::SourceBytes>,
 ) -> Result<(u64, u64, u32), (Step, AgentError)> {
     let rt = &node.rt;
     let mut bytes_sent = 0u64;
 
-    // Image blobs the destination lacks, while the container still runs.
+    // Image blobs the destination lacks, while the container still runs: as chunks
+    // (crate::layers), from neighbours that hold them where the knowledge base says so.
     let t = Instant::now();
-    if !missing.is_empty() {
-        let blob_dir = out_dir.join("blobs");
-        std::fs::create_dir_all(&blob_dir).map_err(|source| {
-            (
-                Step::Image,
-                AgentError::WriteFile {
-                    path: blob_dir.clone(),
-                    source,
-                },
-            )
-        })?;
-        let mut files = Vec::new();
-        for d in missing {
-            let path = blob_dir.join(d.replace(':', "_"));
-            images::read_blob_to_file(rt, d, &path)
-                .await
-                .map_err(|source| {
-                    (
-                        Step::Image,
-                        AgentError::Runtime {
-                            step: Step::Image,
-                            source,
-                        },
-                    )
-                })?;
-            files.push(OutFile {
-                kind: FileKind::ImageBlob,
-                name: d.clone(),
-                path,
-            });
-        }
-        let sent = send_files(peer, mid, files)
-            .await
-            .map_err(|e| (Step::Image, e))?;
-        bytes_sent += sent.wire_bytes;
-        emit(tx, &phase("image", t, sent.wire_bytes), phases).await;
-    } else {
-        emit(tx, &phase("image", t, 0), phases).await;
-    }
+    let image = crate::layers::send(node, peer, mid, missing)
+        .await
+        .map_err(|e| (Step::Image, e))?
+        .unwrap_or_default();
+    bytes_sent += image.wire_bytes;
+    image_sources.extend(image.sources);
+    emit(tx, &phase("image", t, image.wire_bytes), phases).await;
 
     let vols = crate::volumes::from_labels(&record.labels).map_err(|e| (Step::Validate, e))?;
     let moves = tokio::sync::Mutex::new(crate::volumes::Moves::new(

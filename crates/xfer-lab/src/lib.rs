@@ -963,7 +963,7 @@ fn rmdir_tree(p: &Path) {
 }
 
 /// The images the lab knows how to build from this machine's binaries.
-pub const IMAGE_KINDS: &[&str] = &["busybox", "redis"];
+pub const IMAGE_KINDS: &[&str] = &["busybox", "redis", "bulky"];
 
 /// Builds a lab image: `busybox` (busybox-static) or `redis` (the host's redis-server
 /// and redis-cli with their shared libraries, plus busybox for a shell).
@@ -975,6 +975,16 @@ pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabErr
     };
     let mut b = match kind {
         "busybox" => ImageBuilder::busybox("/bin/busybox").map_err(what)?,
+        // busybox with a large layer: BULKY_BYTES of incompressible bytes at
+        // /opt/bulk/data, the same on every host (a fixed generator), for the
+        // cooperative benchmark and the layer tests.
+        "bulky" => {
+            let mut b = ImageBuilder::busybox("/bin/busybox").map_err(what)?;
+            b.add_dir("/opt/bulk", 0o755).map_err(what)?;
+            b.add_file("/opt/bulk/data", bulk_bytes(BULKY_BYTES), 0o644)
+                .map_err(what)?;
+            b
+        }
         "redis" => {
             let mut b =
                 ImageBuilder::host_binaries(&["/usr/bin/redis-server", "/usr/bin/redis-cli"])
@@ -994,6 +1004,23 @@ pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabErr
     };
     b.created_by("xfer-lab");
     b.build().map_err(what)
+}
+
+/// Size of the large file in the `bulky` image's layer.
+pub const BULKY_BYTES: usize = 40_000_000;
+
+/// `n` pseudo-random (incompressible) bytes, the same on every call.
+pub fn bulk_bytes(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
 }
 
 /// Builds image `kind` and imports it, named `kind`, into a host's containerd.

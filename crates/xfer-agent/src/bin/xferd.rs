@@ -103,6 +103,11 @@ struct Args {
     /// Also snapshot the memory of running containers (CRIU dump, left running).
     #[arg(long)]
     snapshot_memory: bool,
+    /// Seconds between passes that chunk the blobs of this node's images into its
+    /// chunk store (so peers can fetch layers from it; 0: never, a migration then
+    /// chunks the blobs it sends).
+    #[arg(long, default_value_t = 15)]
+    layer_index_period: u64,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -266,6 +271,12 @@ async fn run() -> anyhow::Result<()> {
     } else {
         node
     };
+    if args.layer_index_period > 0 {
+        xfer_agent::layers::spawn_index(
+            node.clone(),
+            std::time::Duration::from_secs(args.layer_index_period),
+        );
+    }
     node.resume_handover()
         .await
         .context("resume the handover of routed containers")?;
