@@ -370,6 +370,8 @@ impl Node {
                     let mut f = crate::chunks::Fetcher::new(store.clone(), "source", peer);
                     if let Some(kb) = &self.kb {
                         kb.add_sources(&mut f, &r.chunk_endpoint);
+                        let cfg = kb.fetch_config(f.config().clone());
+                        f = f.with_config(cfg);
                     }
                     let f = Arc::new(f);
                     if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {

@@ -115,6 +115,47 @@ mod chunks {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sharing_fallback_works_beside_the_peers() {
+        let set = chunks(600, 4096);
+        let paced = |name: &str| {
+            FakePeer::new(name, store(&set, |_| true))
+                .with(|b| b.per_chunk = Duration::from_millis(1))
+        };
+        let (origin, a, b) = (paced("origin"), paced("a"), paced("b"));
+        let set = &set;
+        let fetch = |shares: bool| {
+            let dest = Arc::new(MemStore::new());
+            let f = Fetcher::new(dest.clone(), "origin", peer(&origin))
+                .with_source("a", peer(&a))
+                .with_source("b", peer(&b))
+                .with_config(FetchConfig {
+                    fallback_shares: shares,
+                    ..FetchConfig::default()
+                });
+            let w = wants(set, &["a", "b"]);
+            async move {
+                let r = f.fetch(&w).await.expect("fetch");
+                assert_all_verified(&dest, set);
+                r
+            }
+        };
+        // Default: the peers hold everything, so the fallback serves nothing.
+        let spared = fetch(false).await;
+        assert_eq!(spared.sources["origin"].chunks, 0);
+        // Sharing: the fallback takes a fair part beside the two equally fast peers.
+        let shared = fetch(true).await;
+        let n = |s: &str| shared.sources[s].chunks;
+        println!("shared: origin {} a {} b {}", n("origin"), n("a"), n("b"));
+        assert_eq!(n("origin") + n("a") + n("b"), 600);
+        assert!(
+            n("origin") > 100,
+            "the fallback served {} of 600",
+            n("origin")
+        );
+        assert!(n("a") > 100 && n("b") > 100, "the peers still serve");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cut_stream_resumes_with_only_the_rest() {
         let set = chunks(2000, 2048);
         let origin =

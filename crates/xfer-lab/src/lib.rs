@@ -667,6 +667,15 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         address: host_addr(subnet, 100),
     };
     attach(client.netns.clone(), client.address, false).await?;
+    // `--rate client=...`: the client's link, both directions.
+    if let Some((_, r)) = spec.rates.iter().find(|(h, _)| h == "client") {
+        net.shape(Ns::Root, &client.netns, *r)
+            .await
+            .map_err(net_err(format!("shape {}", client.netns)))?;
+        net.shape(Ns::Named(&client.netns), "eth0", *r)
+            .await
+            .map_err(net_err(format!("shape {}/eth0", client.netns)))?;
+    }
 
     let mut hosts = Vec::new();
     for i in 1..=spec.nodes {
@@ -1047,6 +1056,20 @@ pub async fn import_image(
         what: format!("import {kind} into {}", host.name),
         source,
     })
+}
+
+/// Deletes image `name` from a host's containerd (blobs and unpacked layers with it).
+pub async fn remove_image(host: &LabHost, name: &str) -> Result<bool, LabError> {
+    let what = |source| LabError::Runtime {
+        what: format!("remove image {name} from {}", host.name),
+        source,
+    };
+    let client = xfer_runtime::daemon::connect(&host.containerd_socket)
+        .await
+        .map_err(what)?;
+    xfer_runtime::image::delete_image(&client, &host.containerd_namespace, name)
+        .await
+        .map_err(what)
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ use containerd_client::services::v1::snapshots::{
     StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
+    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteImageRequest,
     DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, Info as ContentInfo, InfoRequest,
     ListImagesRequest, ReadContentRequest, UpdateImageRequest,
     UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
@@ -1961,6 +1961,29 @@ pub async fn image_names(client: &Client, namespace: &str) -> Result<Vec<String>
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// Deletes image `name` and waits for containerd's garbage collection, so its blobs
+/// and unpacked layers go unless something else references them. Missing: `Ok(false)`.
+pub async fn delete_image(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, RuntimeError> {
+    let req = request(
+        DeleteImageRequest {
+            name: name.to_string(),
+            sync: true,
+            target: None,
+        },
+        namespace,
+        None,
+    )?;
+    match client.images().delete(req).await {
+        Ok(_) => Ok(true),
+        Err(s) if s.code() == Code::NotFound => Ok(false),
+        Err(s) => Err(cd_err(format!("delete image {name}"))(s)),
+    }
 }
 
 /// Read an image record back: its manifest (for an index: the linux/amd64 entry), config,

@@ -113,6 +113,11 @@ pub struct FetchConfig {
     pub probe_timeout: Duration,
     /// How often the coordinator checks for slow requests when no event arrives.
     pub tick: Duration,
+    /// The fallback shares the work: it is queued every id with the other candidates
+    /// and steals from slower sources like they do, instead of getting only what no
+    /// other source may serve. For when the source's uplink has room besides the
+    /// neighbours' (their rates add up); off by default (the source is spared).
+    pub fallback_shares: bool,
 }
 
 impl Default for FetchConfig {
@@ -138,6 +143,7 @@ impl Default for FetchConfig {
             max_source_errors: 3,
             error_backoff: Duration::from_millis(100),
             probe_have: false,
+            fallback_shares: false,
             probe_timeout: Duration::from_secs(3),
             tick: Duration::from_millis(20),
         }
@@ -629,7 +635,14 @@ impl<S: ChunkStore> Run<S> {
     fn requeue(&mut self, i: u32, relaxed: bool) -> bool {
         let it = &self.items[i as usize];
         let usable = it.cands & !it.lacks & !it.inflight & self.alive_mask();
-        let pick = |m: u64| if m & !1 != 0 { m & !1 } else { m & 1 };
+        let shares = self.cfg.fallback_shares;
+        let pick = |m: u64| {
+            if shares || m & !1 == 0 {
+                m
+            } else {
+                m & !1
+            }
+        };
         let mut target = pick(usable & !it.slow);
         if target == 0 && relaxed {
             target = pick(usable);
@@ -825,7 +838,7 @@ impl<S: ChunkStore> Run<S> {
             let score_k = self.score(k, neutral);
             let mut victims: Vec<(usize, f64)> = (0..self.srcs.len())
                 .filter(|&j| j != k && !self.srcs[j].queue.is_empty())
-                .filter(|&j| k != 0 || self.srcs[j].report.slow > 0)
+                .filter(|&j| k != 0 || self.cfg.fallback_shares || self.srcs[j].report.slow > 0)
                 .map(|j| (j, self.score(j, neutral)))
                 .filter(|(_, sj)| score_k >= self.cfg.endgame_ratio * sj)
                 .collect();

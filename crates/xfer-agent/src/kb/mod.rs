@@ -80,6 +80,11 @@ pub struct KbConfig {
     /// Snapshot caching on every host (`xferd --snapshot-*` flags override it).
     #[serde(default)]
     pub snapshots: Option<crate::snapshots::SnapshotConfig>,
+    /// The migration source shares the fetch with the neighbours (their rates add up)
+    /// instead of serving only what no neighbour holds
+    /// ([`crate::chunks::FetchConfig::fallback_shares`]).
+    #[serde(default)]
+    pub source_shares: bool,
 }
 
 impl KbConfig {
@@ -177,6 +182,7 @@ pub struct Kb {
     directory: Arc<dyn Directory>,
     central: Option<service::Central>,
     policy: CandidatePolicy,
+    source_shares: bool,
     clock: Arc<dyn Clock>,
     /// This host's own measurements of its links (from its fetchers).
     links: Mutex<BTreeMap<String, Link>>,
@@ -366,6 +372,7 @@ impl Kb {
             directory,
             central,
             policy: cfg.policy.clone(),
+            source_shares: cfg.source_shares,
             clock,
             links: Mutex::default(),
             published: Mutex::default(),
@@ -424,6 +431,14 @@ impl Kb {
                 }
                 Err(e) => tracing::warn!(%host, endpoint = %ep, error = %e, "not a source"),
             }
+        }
+    }
+
+    /// The fetch configuration a destination uses with this knowledge base.
+    pub fn fetch_config(&self, base: crate::chunks::FetchConfig) -> crate::chunks::FetchConfig {
+        crate::chunks::FetchConfig {
+            fallback_shares: self.source_shares,
+            ..base
         }
     }
 

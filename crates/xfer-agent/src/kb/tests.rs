@@ -103,6 +103,7 @@ async fn cluster_with(
         neighbours: BTreeMap::new(),
         policy: Default::default(),
         snapshots: None,
+        source_shares: false,
     };
     let mut out = Vec::new();
     for (i, ((front, _), (l, _))) in ls.into_iter().zip(backs).enumerate() {
