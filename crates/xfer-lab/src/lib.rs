@@ -887,7 +887,19 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
             }
         }
     }
+    // A frozen process takes no signal until thawed (thawed again after the kill, in
+    // case a dying CRIU froze it meanwhile).
+    let ctr_prefix = format!("xfer-{prefix}-");
+    thaw_cgroups(&ctr_prefix);
     kill_all(&pids);
+    thaw_cgroups(&ctr_prefix);
+    for _ in 0..50 {
+        if !pids.iter().any(|p| Lab::alive(*p) && !is_zombie(*p)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        thaw_cgroups(&ctr_prefix);
+    }
     rep.killed = pids;
     // Mounts (container rootfs, shm) and directories.
     let dir = lab_dir(prefix);
@@ -903,7 +915,6 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
         rep.dirs.push(d);
     }
     // runc state and cgroups of the lab's containerd namespaces.
-    let ctr_prefix = format!("xfer-{prefix}-");
     if let Ok(rd) = std::fs::read_dir("/run/containerd/runc") {
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(&ctr_prefix) {
@@ -938,6 +949,30 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
 /// Removes cgroups named `/<ns>/...` for containerd namespaces starting with `prefix`,
 /// in every mounted hierarchy (cgroup v1 controllers and the v2 tree), deepest first.
 fn remove_cgroups(prefix: &str) {
+    for_lab_cgroups(prefix, rmdir_tree);
+}
+
+/// Thaws every frozen cgroup of the lab (a CRIU dump killed half way leaves its
+/// container frozen, and a frozen process does not die of SIGKILL until thawed).
+fn thaw_cgroups(prefix: &str) {
+    fn thaw(p: &Path) {
+        // cgroup v1 freezer, cgroup v2.
+        let _ = std::fs::write(p.join("freezer.state"), "THAWED");
+        let _ = std::fs::write(p.join("cgroup.freeze"), "0");
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    thaw(&e.path());
+                }
+            }
+        }
+    }
+    for_lab_cgroups(prefix, thaw);
+}
+
+/// Runs `f` on every top cgroup of the lab's containerd namespaces (`prefix`...) in
+/// every mounted hierarchy.
+fn for_lab_cgroups(prefix: &str, each: fn(&Path)) {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return;
     };
@@ -954,7 +989,7 @@ fn remove_cgroups(prefix: &str) {
         };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(prefix) {
-                rmdir_tree(&e.path());
+                each(&e.path());
             }
         }
     }
