@@ -11,8 +11,9 @@
 //!   runs at start and then periodically (`xferd`), so an image imported or received
 //!   since becomes fetchable from this host.
 //! * **Source.** [`send`] replaces the whole-blob stream: the blobs the destination
-//!   lacks (from `Prepare`) are announced as manifests in a `Sync` of round 0 before
-//!   the pre-copy rounds; the destination fetches the chunks it lacks (its plan asks
+//!   lacks (from `Prepare`) are announced as manifests in a `Sync` of round 0, in the
+//!   background ([`start`]) while the pre-copy rounds go on, and awaited before the
+//!   cut-over; the destination fetches the chunks it lacks (its plan asks
 //!   the knowledge base, so a neighbour holding the same layer serves it) and rebuilds
 //!   each blob byte for byte (whole-object BLAKE3), then writes it into its content
 //!   store (where containerd checks the sha256) and unpacks the image before the
@@ -228,6 +229,60 @@ pub async fn send<D: Destination>(
         .await;
     persist.done().await?;
     reply.map(Some)
+}
+
+/// [`send`] in the background, so the blobs travel while the pre-copy rounds go on
+/// (the destination handles the two `Sync`s of the migration side by side); aborted
+/// if dropped unfinished.
+#[derive(Debug)]
+pub struct Background {
+    task: Option<tokio::task::JoinHandle<Result<Option<SyncReply>, AgentError>>>,
+    started: std::time::Instant,
+}
+
+/// Starts [`send`] of `missing` to the destination `peer` in the background.
+pub fn start(
+    node: &Node,
+    peer: &xfer_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    mid: &str,
+    missing: &[String],
+) -> Background {
+    let task = (!missing.is_empty()).then(|| {
+        let (node, mut peer) = (node.clone(), peer.clone());
+        let (mid, missing) = (mid.to_string(), missing.to_vec());
+        tokio::spawn(async move { send(&node, &mut peer, &mid, &missing).await })
+    });
+    Background {
+        task,
+        started: std::time::Instant::now(),
+    }
+}
+
+impl Background {
+    /// When it started.
+    pub fn started(&self) -> std::time::Instant {
+        self.started
+    }
+
+    /// Waits for the blobs to be installed at the destination; the reply of their
+    /// fetch (empty if nothing was missing).
+    pub async fn finish(mut self) -> Result<SyncReply, AgentError> {
+        match self.task.take() {
+            None => Ok(SyncReply::default()),
+            Some(t) => Ok(t
+                .await
+                .map_err(|e| AgentError::Refused(format!("image task: {e}")))??
+                .unwrap_or_default()),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
 }
 
 /// The image blob files among rebuilt objects (destination side).

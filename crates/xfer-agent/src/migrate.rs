@@ -503,16 +503,10 @@ async fn run_after_prepare(
     let rt = &node.rt;
     let mut bytes_sent = 0u64;
 
-    // Image blobs the destination lacks, while the container still runs: as chunks
-    // (crate::layers), from neighbours that hold them where the knowledge base says so.
-    let t = Instant::now();
-    let image = crate::layers::send(node, peer, mid, missing)
-        .await
-        .map_err(|e| (Step::Image, e))?
-        .unwrap_or_default();
-    bytes_sent += image.wire_bytes;
-    image_sources.extend(image.sources);
-    emit(tx, &phase("image", t, image.wire_bytes), phases).await;
+    // Image blobs the destination lacks, while the container still runs and beside
+    // the pre-copy rounds: as chunks (crate::layers), from neighbours that hold them
+    // where the knowledge base says so; installed before the cut-over.
+    let image = crate::layers::start(node, peer, mid, missing);
 
     let vols = crate::volumes::from_labels(&record.labels).map_err(|e| (Step::Validate, e))?;
     let moves = tokio::sync::Mutex::new(crate::volumes::Moves::new(
@@ -532,6 +526,11 @@ async fn run_after_prepare(
         rt, peer, &chunks, mid, record, policy, out_dir, tx, phases, rounds,
     )
     .await?;
+    let since = image.started();
+    let image = image.finish().await.map_err(|e| (Step::Image, e))?;
+    bytes_sent += image.wire_bytes;
+    image_sources.extend(image.sources);
+    emit(tx, &phase("image", since, image.wire_bytes), phases).await;
     let (downtime, wire, pid) =
         cutover(rt, peer, &chunks, mid, record, out_dir, tx, phases, rounds).await?;
     Ok((downtime, bytes_sent + wire, pid))
