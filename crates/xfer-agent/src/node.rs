@@ -391,6 +391,7 @@ impl Node {
                         ask_micros = plan.ask_micros,
                         "knowledge base asked"
                     );
+                    fetcher.set_priors(crate::kb::Kb::priors(&plan));
                     plan.wants
                 }
                 None => missing

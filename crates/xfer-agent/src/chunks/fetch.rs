@@ -218,6 +218,9 @@ pub struct Fetcher<S: ChunkStore> {
     policy: Arc<dyn RankPolicy>,
     cfg: FetchConfig,
     stats: Mutex<HashMap<String, SourceStats>>,
+    /// What is believed of sources not measured yet (e.g. the knowledge base's link
+    /// figures): used instead of the mean prior until they are measured.
+    priors: Mutex<HashMap<String, SourceStats>>,
 }
 
 impl<S: ChunkStore> std::fmt::Debug for Fetcher<S> {
@@ -245,7 +248,22 @@ impl<S: ChunkStore> Fetcher<S> {
             policy: Arc::new(ThroughputRank::default()),
             cfg: FetchConfig::default(),
             stats: Mutex::new(HashMap::new()),
+            priors: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sets what is believed of sources before they are measured (throughput and
+    /// latency, e.g. from the knowledge base's link figures), replacing earlier
+    /// priors. A source measured by this fetcher ranks by its measurements; one with
+    /// neither measurements nor a prior by the mean of the measured sources.
+    pub fn set_priors(&self, priors: impl IntoIterator<Item = (String, SourceStats)>) {
+        *self.priors.lock().unwrap_or_else(|p| p.into_inner()) = priors.into_iter().collect();
+    }
+
+    /// [`Fetcher::set_priors`], builder style.
+    pub fn with_priors(self, priors: impl IntoIterator<Item = (String, SourceStats)>) -> Self {
+        self.set_priors(priors);
+        self
     }
 
     /// Adds (or replaces) a source.
@@ -388,6 +406,11 @@ impl<S: ChunkStore> Fetcher<S> {
             }
         }
         let known = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let priors = self
+            .priors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let srcs = names
             .iter()
             .enumerate()
@@ -411,6 +434,7 @@ impl<S: ChunkStore> Fetcher<S> {
                     sample_bytes: 0,
                     sample_mark: Duration::ZERO,
                     stats: known.get(*name).cloned().unwrap_or_default(),
+                    prior: priors.get(*name).cloned().unwrap_or_default(),
                     report: SourceReport {
                         fallback: j == 0,
                         ..Default::default()
@@ -508,6 +532,8 @@ struct Src {
     sample_bytes: u64,
     sample_mark: Duration,
     stats: SourceStats,
+    /// What is believed of it until measured ([`Fetcher::set_priors`]).
+    prior: SourceStats,
     report: SourceReport,
 }
 
@@ -738,8 +764,11 @@ impl<S: ChunkStore> Run<S> {
         let s = &self.srcs[j];
         let mut stats = s.stats.clone();
         let measured = stats.rate_bps.is_some();
-        stats.rate_bps = stats.rate_bps.or(neutral.0);
-        stats.latency_micros = stats.latency_micros.or(neutral.1);
+        stats.rate_bps = stats.rate_bps.or(s.prior.rate_bps).or(neutral.0);
+        stats.latency_micros = stats
+            .latency_micros
+            .or(s.prior.latency_micros)
+            .or(neutral.1);
         let v = SourceView {
             name: &s.name,
             fallback: j == 0,

@@ -534,6 +534,25 @@ impl Kb {
         plan
     }
 
+    /// Priors for a fetcher from a plan: each candidate host whose link figure is
+    /// measured (by this host or reported by that host) starts at the rate the
+    /// ranking computed, until the fetcher measures it ([`Fetcher::set_priors`]).
+    pub fn priors(plan: &FetchPlan) -> Vec<(String, SourceStats)> {
+        plan.hosts
+            .iter()
+            .filter(|h| h.measured_link && h.rate_bps > 0.0)
+            .map(|h| {
+                (
+                    h.host.clone(),
+                    SourceStats {
+                        rate_bps: Some(h.rate_bps),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// After a fetch: the store now holds `ids` (one `Add` event), and the fetcher's
     /// measurements become this host's links (published with its load).
     pub fn fetched(&self, ids: &[Digest], report: &FetchReport) {
