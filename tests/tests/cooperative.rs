@@ -72,6 +72,13 @@ fn blob_of(pid: u32) -> Vec<u8> {
 /// A lab of `hosts` (every link 40 Mbit/s) whose agents run the knowledge base of
 /// on-line queries, `extra` merged into its configuration, and have busybox.
 async fn kb_lab(tag: &str, hosts: &[&str], extra: serde_json::Value) -> TestLab {
+    let mut lab = shaped_lab(tag, hosts).await;
+    configure_kb(&mut lab, hosts, extra).await;
+    lab
+}
+
+/// A lab of `hosts`, every link 40 Mbit/s.
+async fn shaped_lab(tag: &str, hosts: &[&str]) -> TestLab {
     xfer_tests::require_root_stack();
     xfer_tests::become_subreaper();
     let prefix = lab_prefix(tag);
@@ -84,7 +91,12 @@ async fn kb_lab(tag: &str, hosts: &[&str], extra: serde_json::Value) -> TestLab 
     })
     .await
     .unwrap_or_else(|e| panic!("lab up {prefix}: {}", chain(&e)));
-    let mut lab = TestLab { lab };
+    TestLab { lab }
+}
+
+/// Restarts the agents of `hosts` with the knowledge base of on-line queries, `extra`
+/// merged into its configuration, and imports busybox.
+async fn configure_kb(lab: &mut TestLab, hosts: &[&str], extra: serde_json::Value) {
     let endpoints: serde_json::Map<String, serde_json::Value> = hosts
         .iter()
         .map(|h| {
@@ -109,7 +121,6 @@ async fn kb_lab(tag: &str, hosts: &[&str], extra: serde_json::Value) -> TestLab 
     for h in hosts {
         lab.import(h, "busybox").await;
     }
-    lab
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,4 +403,93 @@ async fn image_layers_come_from_a_neighbour_that_holds_the_image() {
         (xfer_tests::read_number(pid2, "/count") > c).then_some(())
     })
     .await;
+}
+
+/// The knowledge base's etcd store through `xferd`: a real etcd-server (started by the
+/// test on the lab's bridge address, which every host namespace reaches), central
+/// push with h3 as the knowledge base storing into etcd. After `app` moved h1 -> h2,
+/// etcd names every host, and the next move h2 -> h3 takes the volume from h1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_through_the_etcd_knowledge_base() {
+    let hosts = ["h1", "h2", "h3"];
+    let mut lab = shaped_lab("tet", &hosts).await;
+    // On the lab's bridge address: the host namespaces reach it, nothing outside.
+    let etcd = xfer_kb::etcd_server::EtcdServer::start_on(lab.lab.gateway)
+        .await
+        .unwrap_or_else(|e| panic!("etcd-server: {}", chain(&e)));
+    configure_kb(
+        &mut lab,
+        &hosts,
+        serde_json::json!({
+            "mode": "central_push",
+            "kb": "h3",
+            "store": "etcd",
+            "etcd": [etcd.url()],
+        }),
+    )
+    .await;
+
+    let mut h1 = lab.agent("h1").await;
+    h1.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
+    h1.run(
+        "app",
+        "busybox",
+        &sh(&format!(
+            "head -c {BLOB} /dev/urandom > /data/blob && touch /data/ready; \
+             i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
+        )),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("run app: {}", chain(&e)));
+    let pid1 = running_pid(&mut h1).await;
+    wait_for("the blob and the counter", Duration::from_secs(30), || {
+        (count(pid1) > 5).then_some(())
+    })
+    .await;
+    let blob = blob_of(pid1);
+    migrate(&lab, "h1", "h2").await;
+
+    // Every host's pusher reached the knowledge base, which wrote to etcd.
+    let store = xfer_kb::EtcdStore::connect(xfer_kb::EtcdConfig::new(vec![etcd.url().to_string()]))
+        .await
+        .unwrap_or_else(|e| panic!("connect to etcd: {}", chain(&e)));
+    let named = {
+        use xfer_kb::KbStore;
+        let mut named = Vec::new();
+        for _ in 0..100 {
+            named = store
+                .hosts()
+                .await
+                .unwrap_or_else(|e| panic!("hosts in etcd: {}", chain(&e)))
+                .into_iter()
+                .map(|h| h.host)
+                .collect::<Vec<_>>();
+            if hosts.iter().all(|h| named.iter().any(|n| n == h)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        named
+    };
+    eprintln!("hosts in etcd: {named:?}");
+    assert!(
+        hosts.iter().all(|h| named.iter().any(|n| n == h)),
+        "etcd names every host: {named:?}"
+    );
+
+    // h2 -> h3: h3 asks its own (etcd-backed) knowledge base and takes the volume
+    // from h1, which kept its chunks.
+    let r = migrate(&lab, "h2", "h3").await;
+    let src = by_source(&r);
+    eprintln!("h2 -> h3 wire bytes per source: {src:?}");
+    assert!(
+        src.get("h1").copied().unwrap_or(0) > BLOB / 2,
+        "h3 took most of the volume from h1, named by etcd: {src:?}"
+    );
+    let mut h3 = lab.agent("h3").await;
+    let pid3 = running_pid(&mut h3).await;
+    assert!(blob_of(pid3) == blob, "the volume arrived intact at h3");
+    drop(lab);
+    drop(etcd);
 }
