@@ -123,16 +123,9 @@ async fn configure_kb(lab: &mut TestLab, hosts: &[&str], extra: serde_json::Valu
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
-    // Every agent gets the knowledge base: on-line queries; h4 asks h1 only.
-    let lab = kb_lab(
-        "tco",
-        &["h1", "h2", "h3", "h4"],
-        serde_json::json!({"neighbours": {"h4": ["h1"]}}),
-    )
-    .await;
-
+/// Starts `app` on h1: a BLOB of random bytes in its volume `data`, then a counter;
+/// returns the blob once the counter runs.
+async fn start_app_with_blob(lab: &TestLab) -> Vec<u8> {
     let mut h1 = lab.agent("h1").await;
     h1.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
     h1.run(
@@ -151,7 +144,20 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
         (count(pid1) > 5).then_some(())
     })
     .await;
-    let blob = blob_of(pid1);
+    blob_of(pid1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
+    // Every agent gets the knowledge base: on-line queries; h4 asks h1 only.
+    let lab = kb_lab(
+        "tco",
+        &["h1", "h2", "h3", "h4"],
+        serde_json::json!({"neighbours": {"h4": ["h1"]}}),
+    )
+    .await;
+
+    let blob = start_app_with_blob(&lab).await;
     assert_eq!(blob.len() as u64, BLOB);
 
     // h1 -> h2: from the source (nobody else holds anything).
@@ -429,25 +435,7 @@ async fn a_migration_through_the_etcd_knowledge_base() {
     )
     .await;
 
-    let mut h1 = lab.agent("h1").await;
-    h1.set_volumes(vec![parse_cli("data:/data").expect("volume")]);
-    h1.run(
-        "app",
-        "busybox",
-        &sh(&format!(
-            "head -c {BLOB} /dev/urandom > /data/blob && touch /data/ready; \
-             i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
-        )),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("run app: {}", chain(&e)));
-    let pid1 = running_pid(&mut h1).await;
-    wait_for("the blob and the counter", Duration::from_secs(30), || {
-        (count(pid1) > 5).then_some(())
-    })
-    .await;
-    let blob = blob_of(pid1);
+    let blob = start_app_with_blob(&lab).await;
     migrate(&lab, "h1", "h2").await;
 
     // Every host's pusher reached the knowledge base, which wrote to etcd.
