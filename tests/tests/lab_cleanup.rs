@@ -80,6 +80,7 @@ fn leftovers(prefix: &str, pids: &[u32]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_down_leaves_nothing_even_after_a_crash() {
+    // (with a frozen container among the leftovers)
     require_root_stack();
     xfer_tests::become_subreaper();
     let prefix = &xfer_tests::lab_prefix("tcl");
@@ -98,6 +99,21 @@ async fn lab_down_leaves_nothing_even_after_a_crash() {
         .flat_map(|h| [h.containerd_pid, h.xferd_pid])
         .collect();
     pids.push(cpid);
+    // A container left frozen (a CRIU dump cut half way does that): its processes
+    // take no SIGKILL until thawed, so `down` must thaw it.
+    let cg = format!("xfer-{prefix}-h1/sleeper");
+    let v1 = std::path::Path::new("/sys/fs/cgroup/freezer").join(&cg);
+    let froze = if v1.is_dir() {
+        std::fs::write(v1.join("freezer.state"), "FROZEN")
+    } else {
+        std::fs::write(
+            std::path::Path::new("/sys/fs/cgroup")
+                .join(&cg)
+                .join("cgroup.freeze"),
+            "1",
+        )
+    };
+    froze.unwrap_or_else(|e| panic!("freeze the sleeper's cgroup {cg}: {e}"));
     // Simulate a crash: forget the lab without taking it down, then bring up a new
     // lab of the same prefix, which must clear the old one first.
     std::mem::forget(lab);

@@ -101,6 +101,8 @@ pub async fn connect_peer(
     Ok((c, hello))
 }
 
+/// Streams whole files to the destination (PutFiles): a lazy cut-over's few small
+/// CRIU images.
 async fn send_files(
     peer: &mut AgentClient<Channel>,
     mid: &str,
@@ -135,6 +137,8 @@ pub async fn run(
     let policy = RoundPolicy::from_request(mode, req);
     let rt = &node.rt;
     let rt_err = |step: Step| move |source| AgentError::Runtime { step, source };
+    // No snapshot dump of the container while it moves (crate::snapshots).
+    let _quiet = node.quiet_snapshots(id).await;
 
     // Validate: refuse bad input before anything is frozen.
     let t = Instant::now();
@@ -239,6 +243,7 @@ pub async fn run(
 
     let out_dir = node.cfg.work_dir.join("out").join(mid);
     let mut rounds = Vec::new();
+    let mut image_sources = Vec::new();
     let result = run_after_prepare(
         node,
         mid,
@@ -251,6 +256,7 @@ pub async fn run(
         &mut phases,
         &mut rounds,
         &out_dir,
+        &mut image_sources,
     )
     .await;
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -337,6 +343,7 @@ pub async fn run(
         image_blobs_skipped: (total - missing.len()) as u32,
         rounds,
         mode: format!("{mode:?}").to_lowercase(),
+        image_sources,
     })
 }
 
@@ -675,51 +682,15 @@ async fn run_after_prepare(
     phases: &mut Vec<PhaseTiming>,
     rounds: &mut Vec<RoundReport>,
     out_dir: &std::path::Path,
+    image_sources: &mut Vec<xfer_proto::v1::SourceBytes>,
 ) -> Result<Outcome, (Step, AgentError)> {
     let rt = &node.rt;
     let mut bytes_sent = 0u64;
 
-    // Image blobs the destination lacks, while the container still runs.
-    let t = Instant::now();
-    if !missing.is_empty() {
-        let blob_dir = out_dir.join("blobs");
-        std::fs::create_dir_all(&blob_dir).map_err(|source| {
-            (
-                Step::Image,
-                AgentError::WriteFile {
-                    path: blob_dir.clone(),
-                    source,
-                },
-            )
-        })?;
-        let mut files = Vec::new();
-        for d in missing {
-            let path = blob_dir.join(d.replace(':', "_"));
-            images::read_blob_to_file(rt, d, &path)
-                .await
-                .map_err(|source| {
-                    (
-                        Step::Image,
-                        AgentError::Runtime {
-                            step: Step::Image,
-                            source,
-                        },
-                    )
-                })?;
-            files.push(OutFile {
-                kind: FileKind::ImageBlob,
-                name: d.clone(),
-                path,
-            });
-        }
-        let sent = send_files(peer, mid, files)
-            .await
-            .map_err(|e| (Step::Image, e))?;
-        bytes_sent += sent.wire_bytes;
-        emit(tx, &phase("image", t, sent.wire_bytes), phases).await;
-    } else {
-        emit(tx, &phase("image", t, 0), phases).await;
-    }
+    // Image blobs the destination lacks, while the container still runs and beside
+    // the pre-copy rounds: as chunks (crate::layers), from neighbours that hold them
+    // where the knowledge base says so; installed before the cut-over.
+    let image = crate::layers::start(node, peer, mid, missing);
 
     let vols = crate::volumes::from_labels(&record.labels).map_err(|e| (Step::Validate, e))?;
     let moves = tokio::sync::Mutex::new(crate::volumes::Moves::new(
@@ -756,6 +727,11 @@ async fn run_after_prepare(
     )
     .await?;
     bytes_sent += stop.wire;
+    let since = image.started();
+    let image = image.finish().await.map_err(|e| (Step::Image, e))?;
+    bytes_sent += image.wire_bytes;
+    image_sources.extend(image.sources);
+    emit(tx, &phase("image", since, image.wire_bytes), phases).await;
     let (lazy, mut decision) = match strategy.cutover {
         Cutover::Full => (false, String::new()),
         Cutover::Lazy => (true, String::new()),
@@ -1142,7 +1118,7 @@ pub async fn cutover<R: Runtime, D: Destination>(
     }
 }
 
-fn criu_files(dir: &std::path::Path) -> Result<Vec<OutFile>, AgentError> {
+pub(crate) fn criu_files(dir: &std::path::Path) -> Result<Vec<OutFile>, AgentError> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|source| AgentError::ReadFile {
         path: dir.to_path_buf(),

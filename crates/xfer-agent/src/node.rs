@@ -83,6 +83,8 @@ pub struct Node {
     inbound: Arc<Mutex<HashMap<String, Inbound>>>,
     /// The cluster knowledge base (issue 6): neighbours as sources of a fetch.
     kb: Option<Arc<crate::kb::Kb>>,
+    /// The snapshot cache (issue 6), if snapshots are taken here.
+    snapshots: Option<Arc<crate::snapshots::Keeper>>,
 }
 
 /// The CRIU configuration file of a container restored lazily on this node.
@@ -135,6 +137,7 @@ impl Node {
             store,
             inbound: Arc::new(Mutex::new(HashMap::new())),
             kb: None,
+            snapshots: None,
         })
     }
 
@@ -149,6 +152,26 @@ impl Node {
     /// The knowledge base, if configured.
     pub fn kb(&self) -> Option<&Arc<crate::kb::Kb>> {
         self.kb.as_ref()
+    }
+
+    /// This node with the snapshot cache `keeper` (its passes run through
+    /// [`crate::snapshots::spawn`]).
+    pub fn with_snapshots(mut self, keeper: Arc<crate::snapshots::Keeper>) -> Self {
+        self.snapshots = Some(keeper);
+        self
+    }
+
+    /// The snapshot cache, if any.
+    pub fn snapshots(&self) -> Option<&Arc<crate::snapshots::Keeper>> {
+        self.snapshots.as_ref()
+    }
+
+    /// Keeps the snapshot cache from dumping container `id` while the guard lives.
+    pub(crate) async fn quiet_snapshots(&self, id: &str) -> Option<crate::snapshots::QuietGuard> {
+        match &self.snapshots {
+            Some(k) => Some(k.quiet(id).await),
+            None => None,
+        }
     }
 
     /// Drops inbound migrations whose source went silent (see [`INBOUND_EXPIRY`]);
@@ -287,7 +310,9 @@ impl Node {
         present
     }
 
-    async fn sync_inner(&self, r: SyncRequest) -> Result<SyncReply, AgentError> {
+    /// A round's fetch and rebuild; returns the reply and the image blobs it rebuilt
+    /// (for [`Node::accept_blobs`]).
+    async fn sync_inner(&self, r: SyncRequest) -> Result<(SyncReply, Vec<InFile>), AgentError> {
         if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
             i.touched = Instant::now();
         }
@@ -304,6 +329,12 @@ impl Node {
             let moving = xfer_kb::Moving {
                 container: Some(inb.container_id.clone()),
                 service: inb.manifest.as_ref().map(|m| m.digest.clone()),
+                volumes: r
+                    .objects
+                    .iter()
+                    .filter(|o| o.kind == FileKind::Volume as i32 && o.name.starts_with("rw-"))
+                    .map(|o| crate::snapshots::volume_guid(&inb.container_id, &o.name))
+                    .collect(),
             };
             (
                 inb.dir.clone(),
@@ -349,6 +380,8 @@ impl Node {
                     let mut f = crate::chunks::Fetcher::new(store.clone(), "source", peer);
                     if let Some(kb) = &self.kb {
                         kb.add_sources(&mut f, &r.chunk_endpoint);
+                        let cfg = kb.fetch_config(f.config().clone());
+                        f = f.with_config(cfg);
                     }
                     let f = Arc::new(f);
                     if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
@@ -368,6 +401,7 @@ impl Node {
                         ask_micros = plan.ask_micros,
                         "knowledge base asked"
                     );
+                    fetcher.set_priors(crate::kb::Kb::priors(&plan));
                     plan.wants
                 }
                 None => missing
@@ -396,6 +430,7 @@ impl Node {
         .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
         let rebuild_micros = t.elapsed().as_micros() as u64;
         persist.done().await?;
+        let blobs = crate::layers::blob_files(&built, &objects);
         if r.r#final {
             // Files of earlier rounds that the final dump does not have must not be
             // restored.
@@ -424,7 +459,7 @@ impl Node {
                 inb.files.extend(files);
             }
         }
-        Ok(SyncReply {
+        let reply = SyncReply {
             chunks: report.fetched,
             wire_bytes: report.wire_bytes,
             raw_bytes: report.raw_bytes,
@@ -441,7 +476,49 @@ impl Node {
                     wire_bytes: s.wire_bytes,
                 })
                 .collect(),
-        })
+        };
+        Ok((reply, blobs))
+    }
+
+    /// Writes received image blobs into the content store (containerd checks their
+    /// digests; each must have been announced in `Prepare`) and unpacks the image, so
+    /// that `Restore` only creates the container.
+    async fn accept_blobs(&self, mid: &str, files: Vec<InFile>) -> Result<(), Status> {
+        let (blob_descs, lease) = {
+            let map = self.inbound.lock().await;
+            let inb = map
+                .get(mid)
+                .ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
+            let mut v = inb.blobs.clone();
+            v.extend(inb.manifest.clone());
+            let lease = inb
+                .lease
+                .as_ref()
+                .map(|l| l.id().to_string())
+                .unwrap_or_default();
+            (v, lease)
+        };
+        for f in files.iter().filter(|f| f.kind == FileKind::ImageBlob) {
+            let desc = blob_descs
+                .iter()
+                .find(|d| d.digest == f.name)
+                .ok_or_else(|| refuse(format!("blob {} was not announced in prepare", f.name)))?;
+            images::write_blob_file(&self.rt, &lease, desc, &f.path)
+                .await
+                .map_err(dst_err)?;
+        }
+        let got_blobs = files.iter().any(|f| f.kind == FileKind::ImageBlob);
+        {
+            let mut map = self.inbound.lock().await;
+            if let Some(inb) = map.get_mut(mid) {
+                inb.files.extend(files);
+            }
+        }
+        if got_blobs {
+            // The image is complete: unpack it now, before the source freezes.
+            self.unpack_inbound(mid).await?;
+        }
+        Ok(())
     }
 
     async fn unpack_inbound(&self, mid: &str) -> Result<(), Status> {
@@ -1220,19 +1297,12 @@ impl Agent for Node {
         };
         let first = first?;
         let mid = first.migration_id.clone();
-        let (dir, inject, lease) = {
+        let (dir, inject) = {
             let map = self.inbound.lock().await;
             let inb = map
                 .get(&mid)
                 .ok_or_else(|| refuse(format!("no migration {mid} prepared here")))?;
-            (
-                inb.dir.clone(),
-                inb.inject_failure.clone(),
-                inb.lease
-                    .as_ref()
-                    .map(|l| l.id().to_string())
-                    .unwrap_or_default(),
-            )
+            (inb.dir.clone(), inb.inject_failure.clone())
         };
         let mut rx = Receiver::new(dir);
         rx.accept(first).map_err(|e| e.to_status())?;
@@ -1251,37 +1321,9 @@ impl Agent for Node {
         if inject == "transfer" {
             return Err(refuse("injected failure at the transfer step (test hook)"));
         }
-        // Image blobs go into the content store now, so Restore only unpacks.
-        let blob_descs = {
-            let map = self.inbound.lock().await;
-            map.get(&mid).map(|i| {
-                let mut v = i.blobs.clone();
-                v.extend(i.manifest.clone());
-                v
-            })
-        }
-        .unwrap_or_default();
-        for f in files.iter().filter(|f| f.kind == FileKind::ImageBlob) {
-            let desc = blob_descs
-                .iter()
-                .find(|d| d.digest == f.name)
-                .ok_or_else(|| refuse(format!("blob {} was not announced in prepare", f.name)))?;
-            images::write_blob_file(&self.rt, &lease, desc, &f.path)
-                .await
-                .map_err(dst_err)?;
-        }
         let n = files.len() as u64;
-        let got_blobs = files.iter().any(|f| f.kind == FileKind::ImageBlob);
-        {
-            let mut map = self.inbound.lock().await;
-            if let Some(inb) = map.get_mut(&mid) {
-                inb.files.extend(files);
-            }
-        }
-        if got_blobs {
-            // The image is complete: unpack it now, before the source freezes.
-            self.unpack_inbound(&mid).await?;
-        }
+        // Image blobs go into the content store now, so Restore only unpacks.
+        self.accept_blobs(&mid, files).await?;
         Ok(Response::new(PutFilesReply {
             files: n,
             bytes: wire,
@@ -1290,6 +1332,7 @@ impl Agent for Node {
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
         let r = req.into_inner();
+        let mid = r.migration_id.clone();
         let span =
             info_span!("sync", migration = %r.migration_id, round = r.round, last = r.r#final);
         let reply = self
@@ -1297,6 +1340,10 @@ impl Agent for Node {
             .instrument(span)
             .await
             .map_err(|e| e.to_status())?;
+        let (reply, blobs) = reply;
+        if !blobs.is_empty() {
+            self.accept_blobs(&mid, blobs).await?;
+        }
         info!(
             chunks = reply.chunks,
             wire = reply.wire_bytes,

@@ -135,11 +135,6 @@ pub fn decode_objects(objects: &[ObjectManifest]) -> Result<Vec<Incoming>, Agent
         .iter()
         .map(|o| {
             let kind = xfer_proto::require_file_kind(o.kind).map_err(AgentError::Decode)?;
-            if kind == FileKind::ImageBlob {
-                return Err(AgentError::BadChunk(
-                    "image blobs do not travel as manifests".into(),
-                ));
-            }
             crate::transfer::place(Path::new("/"), kind, &o.name)?;
             let manifest = Manifest::decode(&o.manifest)
                 .map_err(|e| AgentError::BadChunk(format!("manifest of {}: {e}", o.name)))?;

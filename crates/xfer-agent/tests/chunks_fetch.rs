@@ -115,6 +115,87 @@ mod chunks {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sharing_fallback_works_beside_the_peers() {
+        let set = chunks(600, 4096);
+        let paced = |name: &str| {
+            FakePeer::new(name, store(&set, |_| true))
+                .with(|b| b.per_chunk = Duration::from_millis(1))
+        };
+        let (origin, a, b) = (paced("origin"), paced("a"), paced("b"));
+        let set = &set;
+        let fetch = |shares: bool| {
+            let dest = Arc::new(MemStore::new());
+            let f = Fetcher::new(dest.clone(), "origin", peer(&origin))
+                .with_source("a", peer(&a))
+                .with_source("b", peer(&b))
+                .with_config(FetchConfig {
+                    fallback_shares: shares,
+                    ..FetchConfig::default()
+                });
+            let w = wants(set, &["a", "b"]);
+            async move {
+                let r = f.fetch(&w).await.expect("fetch");
+                assert_all_verified(&dest, set);
+                r
+            }
+        };
+        // Default: the peers hold everything, so the fallback serves nothing.
+        let spared = fetch(false).await;
+        assert_eq!(spared.sources["origin"].chunks, 0);
+        // Sharing: the fallback takes a fair part beside the two equally fast peers.
+        let shared = fetch(true).await;
+        let n = |s: &str| shared.sources[s].chunks;
+        println!("shared: origin {} a {} b {}", n("origin"), n("a"), n("b"));
+        assert_eq!(n("origin") + n("a") + n("b"), 600);
+        assert!(
+            n("origin") > 100,
+            "the fallback served {} of 600",
+            n("origin")
+        );
+        assert!(n("a") > 100 && n("b") > 100, "the peers still serve");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn priors_rank_sources_before_they_are_measured() {
+        let set = chunks(64, 4096);
+        let origin = FakePeer::new("origin", store(&set, |_| true));
+        let (a, b) = (
+            FakePeer::new("a", store(&set, |_| true)),
+            FakePeer::new("b", store(&set, |_| true)),
+        );
+        let prior = |mbps: f64| xfer_agent::chunks::SourceStats {
+            rate_bps: Some(mbps * 1e6),
+            latency_micros: Some(1000.0),
+            ..Default::default()
+        };
+        // One request slot: the first request goes to the best-ranked source and,
+        // sized by its rate, takes the whole fetch.
+        for (fast, slow) in [("a", "b"), ("b", "a")] {
+            let dest = Arc::new(MemStore::new());
+            let f = Fetcher::new(dest.clone(), "origin", peer(&origin))
+                .with_source("a", peer(&a))
+                .with_source("b", peer(&b))
+                .with_config(FetchConfig {
+                    max_inflight_per_source: 1,
+                    max_inflight_total: 1,
+                    split: 1,
+                    ..FetchConfig::default()
+                })
+                .with_priors([
+                    (fast.to_string(), prior(100.0)),
+                    (slow.to_string(), prior(0.1)),
+                ]);
+            let r = f.fetch(&wants(&set, &["a", "b"])).await.expect("fetch");
+            assert_all_verified(&dest, &set);
+            assert_eq!(
+                r.sources[fast].chunks, 64,
+                "{fast} ranked first by its prior"
+            );
+            assert_eq!(r.sources[slow].requests, 0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cut_stream_resumes_with_only_the_rest() {
         let set = chunks(2000, 2048);
         let origin =

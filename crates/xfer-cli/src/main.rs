@@ -196,8 +196,14 @@ enum ImageCmd {
     Import {
         #[arg(long)]
         host: String,
-        /// busybox | redis
+        /// busybox | redis | bulky (busybox with a 40 MB layer)
         kind: String,
+    },
+    /// Delete an image from a host's containerd (its blobs and layers go with it).
+    Rm {
+        #[arg(long)]
+        host: String,
+        name: String,
     },
 }
 
@@ -349,6 +355,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 imported.manifest.digest,
                 imported.layers.len(),
                 t.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(())
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Rm { host, name },
+        } => {
+            let lab = Lab::load(&prefix)?;
+            let removed = xfer_lab::remove_image(lab.host(&host)?, &name).await?;
+            println!(
+                "{name} {} {host}",
+                if removed {
+                    "removed from"
+                } else {
+                    "was not on"
+                }
             );
             Ok(())
         }
@@ -537,6 +558,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "restored_pid": report.restored_pid,
                     "image_blobs_sent": report.image_blobs_sent,
                     "image_blobs_skipped": report.image_blobs_skipped,
+                    "image_sources": report.image_sources.iter().map(|s| serde_json::json!({
+                        "source": s.source,
+                        "chunks": s.chunks,
+                        "wire_bytes": s.wire_bytes,
+                    })).collect::<Vec<_>>(),
                     "rounds": report.rounds.iter().map(|r| serde_json::json!({
                         "round": r.round,
                         "dump_ms": r.dump_micros as f64 / 1000.0,

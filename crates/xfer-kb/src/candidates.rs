@@ -78,6 +78,9 @@ pub struct Moving {
     pub container: Option<String>,
     /// Its service: the image digest.
     pub service: Option<String>,
+    /// The GUIDs of its volumes: a snapshot of one of them weighs as the same
+    /// container.
+    pub volumes: Vec<String>,
 }
 
 /// How a host was scored.
@@ -134,6 +137,9 @@ fn affinity(
     for s in snaps {
         let (w, kind) = match (&s.subject, &moving.container) {
             (Subject::Container(c), Some(m)) if c == m => (p.same_container, "same container"),
+            (Subject::Volume(g), _) if moving.volumes.contains(g) => {
+                (p.same_container, "same container (volume)")
+            }
             _ if moving.service.is_some() && s.service == moving.service => {
                 (p.same_service, "same service")
             }
@@ -375,6 +381,7 @@ mod tests {
         let moving = Moving {
             container: Some("c1".into()),
             service: Some("sha256:svc".into()),
+            volumes: vec![],
         };
         let snaps = vec![
             snap("svc", Subject::Container("c2".into()), 99_990),
@@ -385,6 +392,69 @@ mod tests {
         assert_eq!(c.per_chunk[0], vec!["ctr", "svc", "ctr-old", "plain"]);
         let ctr = c.hosts.iter().find(|h| h.host == "ctr").expect("ctr");
         assert!(ctr.why.contains("same container"), "{}", ctr.why);
+    }
+
+    #[test]
+    fn volume_snapshots_rank_by_affinity_then_freshness() {
+        let snap = |host: &str, subject: Subject, service: &str, taken: u64| Snapshot {
+            id: Digest::of(host.as_bytes()),
+            host: host.into(),
+            subject,
+            service: Some(service.into()),
+            taken: Timestamp::from_secs(taken),
+            objects: vec![],
+            bytes: 0,
+        };
+        let names = [
+            "plain",
+            "other-svc",
+            "svc-old",
+            "svc-new",
+            "vol-old",
+            "vol-new",
+        ];
+        let a = answer(
+            names
+                .iter()
+                .map(|n| facts(n, 100_000, 0.0, Some(100.0)))
+                .collect(),
+            vec![(0..names.len() as u32).collect()],
+        );
+        let moving = Moving {
+            container: Some("c1".into()),
+            service: Some("sha256:svc".into()),
+            volumes: vec!["c1/rw-0".into()],
+        };
+        let vol = |g: &str| Subject::Volume(g.into());
+        let snaps = vec![
+            snap("other-svc", vol("c9/rw-0"), "sha256:else", 99_990),
+            snap("svc-old", vol("c2/rw-0"), "sha256:svc", 100_000 - 7200),
+            snap("svc-new", vol("c2/rw-0"), "sha256:svc", 99_990),
+            snap("vol-old", vol("c1/rw-0"), "sha256:svc", 100_000 - 7200),
+            snap("vol-new", vol("c1/rw-0"), "sha256:svc", 99_990),
+        ];
+        let c = rank_at(&a, 1, &moving, &snaps, 100_000);
+        // Same volume first, fresher first within a kind; an old snapshot of the same
+        // volume (2 h, 12 half lives) falls below a fresh same-service one; a snapshot
+        // of another service counts for nothing.
+        assert_eq!(
+            c.per_chunk[0],
+            vec!["vol-new", "svc-new", "vol-old", "svc-old"]
+        );
+        let by = |h: &str| c.hosts.iter().find(|x| x.host == h).expect("host").clone();
+        assert!(
+            by("vol-new").why.contains("same container (volume)"),
+            "{}",
+            by("vol-new").why
+        );
+        assert!(
+            by("svc-new").why.contains("same service"),
+            "{}",
+            by("svc-new").why
+        );
+        assert!((by("other-svc").affinity - 1.0).abs() < 1e-9);
+        assert!((by("plain").affinity - 1.0).abs() < 1e-9);
+        assert!(by("vol-new").affinity > 1.9 && by("svc-new").affinity > 1.25);
     }
 
     #[test]

@@ -47,9 +47,15 @@ pub fn etcd_binary() -> Option<PathBuf> {
 }
 
 impl EtcdServer {
-    /// Starts etcd (`etcd` on PATH, Debian package etcd-server) and waits until it
-    /// answers.
+    /// Starts etcd (`etcd` on PATH, Debian package etcd-server) on loopback and waits
+    /// until it answers.
     pub async fn start() -> Result<EtcdServer, KbError> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// [`EtcdServer::start`], its client and peer URLs on address `ip` (e.g. an
+    /// address other network namespaces reach).
+    pub async fn start_on(ip: std::net::Ipv4Addr) -> Result<EtcdServer, KbError> {
         let bin = etcd_binary().ok_or_else(|| KbError::StartEtcd {
             what: "the `etcd` binary is not on PATH (Debian package etcd-server; \
                    `cargo xtask setup` installs it)"
@@ -61,8 +67,8 @@ impl EtcdServer {
             source: Some(source),
         })?;
         let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let url = format!("http://{ip}:{client}");
+        let peer_url = format!("http://{ip}:{peer}");
         let mut cmd = Command::new(&bin);
         // SAFETY: the closure runs in the forked child before exec and only calls
         // prctl, which is async-signal-safe; it touches no memory of the parent.

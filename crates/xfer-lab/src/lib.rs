@@ -667,6 +667,15 @@ pub async fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         address: host_addr(subnet, 100),
     };
     attach(client.netns.clone(), client.address, false).await?;
+    // `--rate client=...`: the client's link, both directions.
+    if let Some((_, r)) = spec.rates.iter().find(|(h, _)| h == "client") {
+        net.shape(Ns::Root, &client.netns, *r)
+            .await
+            .map_err(net_err(format!("shape {}", client.netns)))?;
+        net.shape(Ns::Named(&client.netns), "eth0", *r)
+            .await
+            .map_err(net_err(format!("shape {}/eth0", client.netns)))?;
+    }
 
     let mut hosts = Vec::new();
     for i in 1..=spec.nodes {
@@ -878,7 +887,19 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
             }
         }
     }
+    // A frozen process takes no signal until thawed (thawed again after the kill, in
+    // case a dying CRIU froze it meanwhile).
+    let ctr_prefix = format!("xfer-{prefix}-");
+    thaw_cgroups(&ctr_prefix);
     kill_all(&pids);
+    thaw_cgroups(&ctr_prefix);
+    for _ in 0..50 {
+        if !pids.iter().any(|p| Lab::alive(*p) && !is_zombie(*p)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        thaw_cgroups(&ctr_prefix);
+    }
     rep.killed = pids;
     // Mounts (container rootfs, shm) and directories.
     let dir = lab_dir(prefix);
@@ -894,7 +915,6 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
         rep.dirs.push(d);
     }
     // runc state and cgroups of the lab's containerd namespaces.
-    let ctr_prefix = format!("xfer-{prefix}-");
     if let Ok(rd) = std::fs::read_dir("/run/containerd/runc") {
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(&ctr_prefix) {
@@ -929,6 +949,30 @@ pub async fn down(prefix: &str) -> Result<DownReport, LabError> {
 /// Removes cgroups named `/<ns>/...` for containerd namespaces starting with `prefix`,
 /// in every mounted hierarchy (cgroup v1 controllers and the v2 tree), deepest first.
 fn remove_cgroups(prefix: &str) {
+    for_lab_cgroups(prefix, rmdir_tree);
+}
+
+/// Thaws every frozen cgroup of the lab (a CRIU dump killed half way leaves its
+/// container frozen, and a frozen process does not die of SIGKILL until thawed).
+fn thaw_cgroups(prefix: &str) {
+    fn thaw(p: &Path) {
+        // cgroup v1 freezer, cgroup v2.
+        let _ = std::fs::write(p.join("freezer.state"), "THAWED");
+        let _ = std::fs::write(p.join("cgroup.freeze"), "0");
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    thaw(&e.path());
+                }
+            }
+        }
+    }
+    for_lab_cgroups(prefix, thaw);
+}
+
+/// Runs `f` on every top cgroup of the lab's containerd namespaces (`prefix`...) in
+/// every mounted hierarchy.
+fn for_lab_cgroups(prefix: &str, each: fn(&Path)) {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return;
     };
@@ -945,7 +989,7 @@ fn remove_cgroups(prefix: &str) {
         };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(prefix) {
-                rmdir_tree(&e.path());
+                each(&e.path());
             }
         }
     }
@@ -963,7 +1007,7 @@ fn rmdir_tree(p: &Path) {
 }
 
 /// The images the lab knows how to build from this machine's binaries.
-pub const IMAGE_KINDS: &[&str] = &["busybox", "redis"];
+pub const IMAGE_KINDS: &[&str] = &["busybox", "redis", "bulky"];
 
 /// Builds a lab image: `busybox` (busybox-static) or `redis` (the host's redis-server
 /// and redis-cli with their shared libraries, plus busybox for a shell).
@@ -975,6 +1019,16 @@ pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabErr
     };
     let mut b = match kind {
         "busybox" => ImageBuilder::busybox("/bin/busybox").map_err(what)?,
+        // busybox with a large layer: BULKY_BYTES of incompressible bytes at
+        // /opt/bulk/data, the same on every host (a fixed generator), for the
+        // cooperative benchmark and the layer tests.
+        "bulky" => {
+            let mut b = ImageBuilder::busybox("/bin/busybox").map_err(what)?;
+            b.add_dir("/opt/bulk", 0o755).map_err(what)?;
+            b.add_file("/opt/bulk/data", bulk_bytes(BULKY_BYTES), 0o644)
+                .map_err(what)?;
+            b
+        }
         "redis" => {
             let mut b =
                 ImageBuilder::host_binaries(&["/usr/bin/redis-server", "/usr/bin/redis-cli"])
@@ -994,6 +1048,23 @@ pub fn build_image(kind: &str) -> Result<xfer_runtime::image::BuiltImage, LabErr
     };
     b.created_by("xfer-lab");
     b.build().map_err(what)
+}
+
+/// Size of the large file in the `bulky` image's layer.
+pub const BULKY_BYTES: usize = 40_000_000;
+
+/// `n` pseudo-random (incompressible) bytes, the same on every call.
+pub fn bulk_bytes(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
 }
 
 /// Builds image `kind` and imports it, named `kind`, into a host's containerd.
@@ -1020,6 +1091,20 @@ pub async fn import_image(
         what: format!("import {kind} into {}", host.name),
         source,
     })
+}
+
+/// Deletes image `name` from a host's containerd (blobs and unpacked layers with it).
+pub async fn remove_image(host: &LabHost, name: &str) -> Result<bool, LabError> {
+    let what = |source| LabError::Runtime {
+        what: format!("remove image {name} from {}", host.name),
+        source,
+    };
+    let client = xfer_runtime::daemon::connect(&host.containerd_socket)
+        .await
+        .map_err(what)?;
+    xfer_runtime::image::delete_image(&client, &host.containerd_namespace, name)
+        .await
+        .map_err(what)
 }
 
 #[cfg(test)]

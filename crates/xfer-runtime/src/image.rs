@@ -57,10 +57,10 @@ use containerd_client::services::v1::snapshots::{
     StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
+    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteImageRequest,
     DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, Info as ContentInfo, InfoRequest,
-    ReadContentRequest, UpdateImageRequest, UpdateRequest as UpdateContentRequest, WriteAction,
-    WriteContentRequest,
+    ListImagesRequest, ReadContentRequest, UpdateImageRequest,
+    UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::types::Descriptor;
 use containerd_client::Client;
@@ -1944,6 +1944,47 @@ impl Unpacker<'_> {
 // ---------------------------------------------------------------------------------------
 // containerd: reading images back
 // ---------------------------------------------------------------------------------------
+
+/// The names of the images in `namespace`.
+pub async fn image_names(client: &Client, namespace: &str) -> Result<Vec<String>, RuntimeError> {
+    let req = request(ListImagesRequest::default(), namespace, None)?;
+    let resp = client
+        .images()
+        .list(req)
+        .await
+        .map_err(cd_err("list images".to_string()))?;
+    let mut names: Vec<String> = resp
+        .into_inner()
+        .images
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Deletes image `name` and waits for containerd's garbage collection, so its blobs
+/// and unpacked layers go unless something else references them. Missing: `Ok(false)`.
+pub async fn delete_image(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, RuntimeError> {
+    let req = request(
+        DeleteImageRequest {
+            name: name.to_string(),
+            sync: true,
+            target: None,
+        },
+        namespace,
+        None,
+    )?;
+    match client.images().delete(req).await {
+        Ok(_) => Ok(true),
+        Err(s) if s.code() == Code::NotFound => Ok(false),
+        Err(s) => Err(cd_err(format!("delete image {name}"))(s)),
+    }
+}
 
 /// Read an image record back: its manifest (for an index: the linux/amd64 entry), config,
 /// layers, diffIDs and top chain ID. `Ok(None)` if there is no image of that name.

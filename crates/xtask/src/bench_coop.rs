@@ -3,8 +3,12 @@
 //! One lab: h1 the source, h2 the destination, h3 and h4 the neighbours (the lab's
 //! client namespace is the fifth host), links shaped with htb: source, neighbours
 //! `--link` (100 Mbit/s) each, the destination `--dst-link` (1 Gbit/s: so the source's
-//! uplink, not the destination's downlink, is the bottleneck). A busybox service with
-//! a read-write named volume (`--volume-mb` of random bytes: a `base` file and a `hot`
+//! uplink, not the destination's downlink, is the bottleneck), the client
+//! `--client-link` (30 Mbit/s), downloading from a web server on h1 in a loop during
+//! each migration (the client load on the source's uplink; `--no-client-load`). The
+//! service's image (`--image`, default `bulky`: busybox plus a 40 MB layer) is on h1,
+//! h3 and h4 and removed from h2 before each migration, so its blobs travel (as
+//! chunks, from whoever holds them). A service with a read-write named volume (`--volume-mb` of random bytes: a `base` file and a `hot`
 //! file of `--hot-mb`) starts on h3 and moves h3 -> h4 -> h1 (traditional): the
 //! neighbours then hold the chunks of an older snapshot of the volume (and of the
 //! container's memory). Then, per mode (traditional = source only, then each of the
@@ -61,6 +65,17 @@ pub struct CoopArgs {
     /// Rate of the destination's link.
     #[arg(long, default_value = "1gbit")]
     pub dst_link: String,
+    /// Rate of the client's link (the lab's client namespace).
+    #[arg(long, default_value = "30mbit")]
+    pub client_link: String,
+    /// No client load during the migrations (by default the client downloads from
+    /// the source host in a loop, over its link, while each migration runs).
+    #[arg(long)]
+    pub no_client_load: bool,
+    /// The service's image (a lab image kind; `bulky` has a 40 MB layer). It is on
+    /// the source and the neighbours, not on the destination.
+    #[arg(long, default_value = "bulky")]
+    pub image: String,
     /// Runs of each mode; medians are reported.
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
@@ -69,14 +84,28 @@ pub struct CoopArgs {
     pub out_dir: Option<PathBuf>,
 }
 
-const MODES: [&str; 6] = [
+const MODES: [&str; 7] = [
     "traditional",
     "central_pull",
     "central_push",
     "online_query",
     "neighbour_pull",
     "neighbour_subscribe",
+    SPARED,
 ];
+
+/// On-line query with the source spared (`source_shares` off: it serves only what no
+/// neighbour holds); every other cooperative row lets it share the fetch.
+const SPARED: &str = "online_query_spared";
+
+/// The knowledge-base mode of a row, and whether the source shares the fetch.
+fn mode_of(row: &str) -> (&str, bool) {
+    if row == SPARED {
+        ("online_query", false)
+    } else {
+        (row, true)
+    }
+}
 const HOSTS: [&str; 4] = ["h1", "h2", "h3", "h4"];
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -87,8 +116,12 @@ struct Sample {
     /// Bytes each host sent (uplink) and received (downlink) during the migration.
     up: BTreeMap<String, u64>,
     down: BTreeMap<String, u64>,
-    /// Wire bytes per fetch source (the migration report).
+    /// Wire bytes per fetch source (the migration report), all objects.
     sources: BTreeMap<String, u64>,
+    /// Of which the image blobs.
+    image_sources: BTreeMap<String, u64>,
+    /// The client's download rate during the migration, Mbit/s.
+    client_mbit: f64,
     /// The source's uplink: bytes / total time, Mbit/s.
     source_uplink_mbit: f64,
 }
@@ -148,14 +181,16 @@ impl Lab {
 
     /// Restarts every agent with `mode` (`traditional`: no knowledge base); `wipe`:
     /// h2's chunk store is emptied while its agent is down.
-    fn configure(&self, mode: &str, wipe: bool) -> Result<()> {
-        let cfg = self.kb_dir.join(format!("{mode}.json"));
+    fn configure(&self, row: &str, wipe: bool) -> Result<()> {
+        let cfg = self.kb_dir.join(format!("{row}.json"));
+        let (mode, shares) = mode_of(row);
         if mode != "traditional" {
             let mut v = serde_json::json!({
                 "mode": mode,
                 "hosts": self.endpoints,
                 "neighbours": {"h2": ["h3", "h4"]},
                 "kb": "h3",
+                "source_shares": shares,
             });
             if mode == "neighbour_pull" || mode == "central_pull" {
                 // Pull right away, then every 30 s (the default period).
@@ -181,6 +216,7 @@ impl Lab {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 std::thread::sleep(Duration::from_millis(300));
                 let _ = std::fs::remove_dir_all(self.work_dir(h).join("store"));
+                let _ = std::fs::remove_dir_all(self.work_dir(h).join("layers"));
             }
             let mut c = self.xfer(&["lab", "restart-agent", "--node", h]);
             if mode == "traditional" {
@@ -212,18 +248,97 @@ fn write_random(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn one(lab: &Lab, mode: &str) -> Result<Sample> {
+/// A process group started in a lab namespace, killed (the whole group) on drop.
+struct Bg(std::process::Child);
+
+impl Bg {
+    fn start(netns: &str, script: &str) -> Result<Bg> {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "sh", "-c", script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start {script:?} in {netns}"))?;
+        Ok(Bg(child))
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the process group this struct started.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// The client load: a web server in the source host's namespace serving a file of
+/// random bytes, and the client downloading it in a loop over its link.
+fn client_load(lab: &Lab) -> Result<(Bg, Bg)> {
+    let st = lab.status()?;
+    let h1 = st["hosts"]
+        .as_array()
+        .context("hosts")?
+        .iter()
+        .find(|h| h["name"] == "h1")
+        .context("h1")?;
+    let (ns, addr) = (
+        h1["netns"].as_str().context("netns")?,
+        h1["address"].as_str().context("address")?,
+    );
+    let client_ns = st["client"]["netns"].as_str().context("client netns")?;
+    let www = lab.kb_dir.join("www");
+    if !www.join("f").exists() {
+        std::fs::create_dir_all(&www)?;
+        write_random(&www.join("f"), 64_000_000)?;
+    }
+    let server = Bg::start(
+        ns,
+        &format!("exec busybox httpd -f -p 8088 -h {}", www.display()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Bg::start(
+        client_ns,
+        &format!(
+            "while true; do busybox wget -q -O /dev/null http://{addr}:8088/f; sleep 0.1; done"
+        ),
+    )?;
+    Ok((server, client))
+}
+
+fn client_counter(lab: &Lab) -> Result<u64> {
+    let dev = format!("/sys/class/net/{}-client/statistics/tx_bytes", lab.prefix);
+    Ok(std::fs::read_to_string(&dev)
+        .with_context(|| format!("read {dev}"))?
+        .trim()
+        .parse()?)
+}
+
+fn one(lab: &Lab, mode: &str, load: bool) -> Result<Sample> {
     // What the neighbours' snapshot lacks: the hot file, rewritten in the volume on h1.
     let hot = lab.work_dir("h1").join("volumes/data/hot");
     let hot_len = std::fs::metadata(&hot).context("the hot file on h1")?.len();
     write_random(&hot, hot_len)?;
+    let bg = if load {
+        let bg = client_load(lab)?;
+        // Let the client's download reach its link's rate.
+        std::thread::sleep(Duration::from_secs(2));
+        Some(bg)
+    } else {
+        None
+    };
     let before: Vec<(u64, u64)> = HOSTS
         .iter()
         .map(|h| lab.counters(h))
         .collect::<Result<_>>()?;
+    let client_before = client_counter(lab)?;
     let t = Instant::now();
-    let rep = lab.migrate("h1", "h2")?;
+    let rep = lab.migrate("h1", "h2");
     let wall = t.elapsed();
+    let client_bytes = client_counter(lab)? - client_before;
+    drop(bg);
+    let rep = rep?;
     let after: Vec<(u64, u64)> = HOSTS
         .iter()
         .map(|h| lab.counters(h))
@@ -245,6 +360,15 @@ fn one(lab: &Lab, mode: &str) -> Result<Sample> {
                 .or_default() += src["wire_bytes"].as_u64().unwrap_or(0);
         }
     }
+    for src in rep["image_sources"].as_array().into_iter().flatten() {
+        let (name, b) = (
+            src["source"].as_str().unwrap_or("?").to_string(),
+            src["wire_bytes"].as_u64().unwrap_or(0),
+        );
+        *s.sources.entry(name.clone()).or_default() += b;
+        *s.image_sources.entry(name).or_default() += b;
+    }
+    s.client_mbit = client_bytes as f64 * 8.0 / 1e6 / wall.as_secs_f64().max(1e-3);
     s.source_uplink_mbit = s.up["h1"] as f64 * 8.0 / 1e6 / wall.as_secs_f64().max(1e-3);
     Ok(s)
 }
@@ -264,24 +388,34 @@ fn markdown(args: &CoopArgs, samples: &[Sample]) -> String {
     md.push_str("# Cooperative migration: traditional vs the knowledge-base modes\n\n");
     md.push_str(&format!(
         "Produced by `cargo xtask bench cooperative` ({} profile, {} run(s) per mode; medians). \
-         Lab: h1 source, h2 destination, h3 + h4 neighbours, htb-shaped links: h1, h3, h4 {}, h2 {}. \
-         Service: busybox with a {} MB read-write named volume of random bytes; before each \
-         migration {} MB of it (`hot`) is rewritten, the rest is what the neighbours hold from \
-         an older snapshot (the service passed h3 -> h4 -> h1 before). Pre-copy migration \
-         h1 -> h2. Bytes are each host's link counters during the migration (all traffic: \
-         chunks, gRPC, the knowledge base's own messages). Load average at the end: {}.\n\n",
+         Lab: h1 source, h2 destination, h3 + h4 neighbours, htb-shaped links: h1, h3, h4 {}, h2 {}, \
+         client {}. Service: image `{}` (busybox plus a 40 MB layer for `bulky`; on h1, h3, h4, \
+         not on h2: its blobs travel as chunks) with a {} MB read-write named volume of random \
+         bytes; before each migration {} MB of it (`hot`) is rewritten, the rest is what the \
+         neighbours hold from an older snapshot (the service passed h3 -> h4 -> h1 before). \
+         Client load: {}. Pre-copy migration h1 -> h2. Every cooperative row but \
+         `online_query_spared` lets the source share the fetch (`source_shares`). Bytes are each \
+         host's link counters during the migration (all traffic: chunks, gRPC, the knowledge \
+         base's own messages, the client's download). Load average at the end: {}.\n\n",
         args.profile,
         args.repeats,
         args.link,
         args.dst_link,
+        args.client_link,
+        args.image,
         args.volume_mb,
         args.hot_mb,
+        if args.no_client_load {
+            "none"
+        } else {
+            "the client downloads from h1 in a loop during each migration"
+        },
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()
     ));
-    md.push_str("| mode | total, s | downtime, ms | h1 (source) up, MB | h3 up, MB | h4 up, MB | h2 (dst) down, MB | fetched from source / h3 / h4, MB | source uplink load, Mbit/s | total vs traditional |\n");
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n");
+    md.push_str("| mode | total, s | downtime, ms | h1 (source) up, MB | h3 up, MB | h4 up, MB | h2 (dst) down, MB | fetched from source / h3 / h4, MB | of which image, MB | source uplink load, Mbit/s | client, Mbit/s | total vs traditional |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|\n");
     let trad = {
         let v: Vec<&Sample> = samples.iter().filter(|s| s.mode == "traditional").collect();
         median_of(&v, |s| s.total_ms)
@@ -293,8 +427,10 @@ fn markdown(args: &CoopArgs, samples: &[Sample]) -> String {
         }
         let total = median_of(&v, |s| s.total_ms);
         let src = |k: &'static str| move |s: &Sample| s.sources.get(k).copied().unwrap_or(0) as f64;
+        let img =
+            |k: &'static str| move |s: &Sample| s.image_sources.get(k).copied().unwrap_or(0) as f64;
         md.push_str(&format!(
-            "| {m} | {:.2} | {:.0} | {} | {} | {} | {} | {} / {} / {} | {:.1} | {:.2}x |\n",
+            "| {m} | {:.2} | {:.0} | {} | {} | {} | {} | {} / {} / {} | {} / {} / {} | {:.1} | {:.1} | {:.2}x |\n",
             total / 1000.0,
             median_of(&v, |s| s.downtime_ms),
             mb(median_of(&v, |s| s.up["h1"] as f64)),
@@ -304,7 +440,11 @@ fn markdown(args: &CoopArgs, samples: &[Sample]) -> String {
             mb(median_of(&v, src("source"))),
             mb(median_of(&v, src("h3"))),
             mb(median_of(&v, src("h4"))),
+            mb(median_of(&v, img("source"))),
+            mb(median_of(&v, img("h3"))),
+            mb(median_of(&v, img("h4"))),
             median_of(&v, |s| s.source_uplink_mbit),
+            median_of(&v, |s| s.client_mbit),
             if trad > 0.0 { total / trad } else { 0.0 },
         ));
     }
@@ -445,15 +585,15 @@ fn run_all(args: &CoopArgs, tl: &mut Timeline, lab: &mut Lab) -> Result<Vec<Samp
                 };
                 format!("{h}={r}")
             })
+            .chain([format!("client={}", args.client_link)])
             .collect();
         let mut c = lab.xfer(&["lab", "up", "--nodes", "4"]);
         for r in &rates {
             c.args(["--rate", r]);
         }
         capture(&mut c)?;
-        for h in HOSTS {
-            capture(&mut lab.xfer(&["image", "import", "--host", h, "busybox"]))?;
-        }
+        // Only where the service starts: it reaches h4 and h1 with its migrations.
+        capture(&mut lab.xfer(&["image", "import", "--host", "h3", &args.image]))?;
         Ok(())
     })?;
     let st = lab.status()?;
@@ -471,7 +611,7 @@ fn run_all(args: &CoopArgs, tl: &mut Timeline, lab: &mut Lab) -> Result<Vec<Samp
              && touch /data/ready; i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.1; done"
         );
         capture(&mut lab.xfer(&[
-            "run", "--host", "h3", "--image", "busybox", "--name", "app", "-v", "data:/data",
+            "run", "--host", "h3", "--image", &args.image, "--name", "app", "-v", "data:/data",
             "--", "sh", "-c", &script,
         ]))?;
         let ready = lab.work_dir("h3").join("volumes/data/ready");
@@ -490,17 +630,21 @@ fn run_all(args: &CoopArgs, tl: &mut Timeline, lab: &mut Lab) -> Result<Vec<Samp
     for r in 0..args.repeats {
         for m in MODES {
             let s = tl.step(&format!("{m} (run {})", r + 1), || {
+                // The destination lacks the image (and, below, any chunk).
+                capture(&mut lab.xfer(&["image", "rm", "--host", "h2", &args.image]))?;
                 lab.configure(m, true)?;
-                let s = one(lab, m)?;
+                let s = one(lab, m, !args.no_client_load)?;
                 lab.migrate("h2", "h1")?;
                 Ok(s)
             })?;
             println!(
-                "  {m}: total {:.2} s, downtime {:.0} ms, source up {} MB, sources {:?}",
+                "  {m}: total {:.2} s, downtime {:.0} ms, source up {} MB, client {:.1} Mbit/s, sources {:?} (image {:?})",
                 s.total_ms / 1000.0,
                 s.downtime_ms,
                 mb(s.up["h1"] as f64),
-                s.sources
+                s.client_mbit,
+                s.sources,
+                s.image_sources
             );
             samples.push(s);
         }

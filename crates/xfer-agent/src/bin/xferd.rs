@@ -88,6 +88,26 @@ struct Args {
     /// endpoint, neighbours. Without it, a destination fetches from the source only.
     #[arg(long, env = "XFER_KB_CONFIG")]
     kb_config: Option<PathBuf>,
+    /// Seconds between snapshots of the read-write volumes (and, with
+    /// --snapshot-memory, the memory) of the containers running here, kept in the chunk
+    /// store and announced to the knowledge base; 0: none. Default: the --kb-config
+    /// file's "snapshots", else none.
+    #[arg(long)]
+    snapshot_period: Option<u64>,
+    /// Discard snapshots older than this many seconds (default 3600).
+    #[arg(long)]
+    snapshot_max_age: Option<u64>,
+    /// Keep at most this many bytes of snapshots (e.g. 4G), oldest discarded first.
+    #[arg(long, value_parser = parse_size)]
+    snapshot_max_bytes: Option<u64>,
+    /// Also snapshot the memory of running containers (CRIU dump, left running).
+    #[arg(long)]
+    snapshot_memory: bool,
+    /// Seconds between passes that chunk the blobs of this node's images into its
+    /// chunk store (so peers can fetch layers from it; 0: never, a migration then
+    /// chunks the blobs it sends).
+    #[arg(long, default_value_t = 15)]
+    layer_index_period: u64,
     /// Serve without TLS: any peer that reaches the port can drive this node.
     /// For development only.
     #[arg(long)]
@@ -198,11 +218,14 @@ async fn run() -> anyhow::Result<()> {
             .context("write the CRIU configuration")?;
         tracing::info!(options = ?extras, "CRIU configuration written");
     }
-    let node = match &args.kb_config {
-        Some(path) => {
-            let kcfg = xfer_agent::kb::KbConfig::load(path)?;
+    let kcfg = match &args.kb_config {
+        Some(path) => Some(xfer_agent::kb::KbConfig::load(path)?),
+        None => None,
+    };
+    let node = match &kcfg {
+        Some(kcfg) => {
             let kb = xfer_agent::kb::Kb::start(
-                &kcfg,
+                kcfg,
                 &args.node,
                 node.store().clone(),
                 args.tls_dir.as_ref().map(|d| {
@@ -219,6 +242,45 @@ async fn run() -> anyhow::Result<()> {
         }
         None => node,
     };
+    let mut snap = kcfg
+        .as_ref()
+        .and_then(|k| k.snapshots.clone())
+        .unwrap_or_default();
+    if let Some(p) = args.snapshot_period {
+        snap.period_secs = p;
+    }
+    if let Some(a) = args.snapshot_max_age {
+        snap.max_age_secs = a;
+    }
+    if let Some(b) = args.snapshot_max_bytes {
+        snap.max_bytes = b;
+    }
+    snap.memory |= args.snapshot_memory;
+    let node = if snap.enabled() {
+        let keeper = std::sync::Arc::new(
+            xfer_agent::snapshots::Keeper::open(
+                &args.node,
+                snap.clone(),
+                node.store().clone(),
+                args.work_dir.join("snapshots"),
+                node.kb().map(|k| k.inventory().clone()),
+                std::sync::Arc::new(xfer_kb::SystemClock::new()),
+            )
+            .context("open the snapshot cache")?,
+        );
+        tracing::info!(?snap, "snapshot caching on");
+        let node = node.with_snapshots(keeper.clone());
+        xfer_agent::snapshots::spawn(node.clone(), keeper);
+        node
+    } else {
+        node
+    };
+    if args.layer_index_period > 0 {
+        xfer_agent::layers::spawn_index(
+            node.clone(),
+            std::time::Duration::from_secs(args.layer_index_period),
+        );
+    }
     node.resume_handover()
         .await
         .context("resume the handover of routed containers")?;

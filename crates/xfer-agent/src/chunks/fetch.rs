@@ -113,6 +113,11 @@ pub struct FetchConfig {
     pub probe_timeout: Duration,
     /// How often the coordinator checks for slow requests when no event arrives.
     pub tick: Duration,
+    /// The fallback shares the work: it is queued every id with the other candidates
+    /// and steals from slower sources like they do, instead of getting only what no
+    /// other source may serve. For when the source's uplink has room besides the
+    /// neighbours' (their rates add up); off by default (the source is spared).
+    pub fallback_shares: bool,
 }
 
 impl Default for FetchConfig {
@@ -138,6 +143,7 @@ impl Default for FetchConfig {
             max_source_errors: 3,
             error_backoff: Duration::from_millis(100),
             probe_have: false,
+            fallback_shares: false,
             probe_timeout: Duration::from_secs(3),
             tick: Duration::from_millis(20),
         }
@@ -212,6 +218,9 @@ pub struct Fetcher<S: ChunkStore> {
     policy: Arc<dyn RankPolicy>,
     cfg: FetchConfig,
     stats: Mutex<HashMap<String, SourceStats>>,
+    /// What is believed of sources not measured yet (e.g. the knowledge base's link
+    /// figures): used instead of the mean prior until they are measured.
+    priors: Mutex<HashMap<String, SourceStats>>,
 }
 
 impl<S: ChunkStore> std::fmt::Debug for Fetcher<S> {
@@ -239,7 +248,22 @@ impl<S: ChunkStore> Fetcher<S> {
             policy: Arc::new(ThroughputRank::default()),
             cfg: FetchConfig::default(),
             stats: Mutex::new(HashMap::new()),
+            priors: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sets what is believed of sources before they are measured (throughput and
+    /// latency, e.g. from the knowledge base's link figures), replacing earlier
+    /// priors. A source measured by this fetcher ranks by its measurements; one with
+    /// neither measurements nor a prior by the mean of the measured sources.
+    pub fn set_priors(&self, priors: impl IntoIterator<Item = (String, SourceStats)>) {
+        *self.priors.lock().unwrap_or_else(|p| p.into_inner()) = priors.into_iter().collect();
+    }
+
+    /// [`Fetcher::set_priors`], builder style.
+    pub fn with_priors(self, priors: impl IntoIterator<Item = (String, SourceStats)>) -> Self {
+        self.set_priors(priors);
+        self
     }
 
     /// Adds (or replaces) a source.
@@ -382,6 +406,11 @@ impl<S: ChunkStore> Fetcher<S> {
             }
         }
         let known = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let priors = self
+            .priors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let srcs = names
             .iter()
             .enumerate()
@@ -405,6 +434,7 @@ impl<S: ChunkStore> Fetcher<S> {
                     sample_bytes: 0,
                     sample_mark: Duration::ZERO,
                     stats: known.get(*name).cloned().unwrap_or_default(),
+                    prior: priors.get(*name).cloned().unwrap_or_default(),
                     report: SourceReport {
                         fallback: j == 0,
                         ..Default::default()
@@ -502,6 +532,8 @@ struct Src {
     sample_bytes: u64,
     sample_mark: Duration,
     stats: SourceStats,
+    /// What is believed of it until measured ([`Fetcher::set_priors`]).
+    prior: SourceStats,
     report: SourceReport,
 }
 
@@ -629,7 +661,14 @@ impl<S: ChunkStore> Run<S> {
     fn requeue(&mut self, i: u32, relaxed: bool) -> bool {
         let it = &self.items[i as usize];
         let usable = it.cands & !it.lacks & !it.inflight & self.alive_mask();
-        let pick = |m: u64| if m & !1 != 0 { m & !1 } else { m & 1 };
+        let shares = self.cfg.fallback_shares;
+        let pick = |m: u64| {
+            if shares || m & !1 == 0 {
+                m
+            } else {
+                m & !1
+            }
+        };
         let mut target = pick(usable & !it.slow);
         if target == 0 && relaxed {
             target = pick(usable);
@@ -725,8 +764,11 @@ impl<S: ChunkStore> Run<S> {
         let s = &self.srcs[j];
         let mut stats = s.stats.clone();
         let measured = stats.rate_bps.is_some();
-        stats.rate_bps = stats.rate_bps.or(neutral.0);
-        stats.latency_micros = stats.latency_micros.or(neutral.1);
+        stats.rate_bps = stats.rate_bps.or(s.prior.rate_bps).or(neutral.0);
+        stats.latency_micros = stats
+            .latency_micros
+            .or(s.prior.latency_micros)
+            .or(neutral.1);
         let v = SourceView {
             name: &s.name,
             fallback: j == 0,
@@ -825,7 +867,7 @@ impl<S: ChunkStore> Run<S> {
             let score_k = self.score(k, neutral);
             let mut victims: Vec<(usize, f64)> = (0..self.srcs.len())
                 .filter(|&j| j != k && !self.srcs[j].queue.is_empty())
-                .filter(|&j| k != 0 || self.srcs[j].report.slow > 0)
+                .filter(|&j| k != 0 || self.cfg.fallback_shares || self.srcs[j].report.slow > 0)
                 .map(|j| (j, self.score(j, neutral)))
                 .filter(|(_, sj)| score_k >= self.cfg.endgame_ratio * sj)
                 .collect();

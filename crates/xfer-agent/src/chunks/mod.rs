@@ -67,7 +67,9 @@
 //! * The fallback is tried last: it gets only ids that no other usable source may
 //!   hold (only it holds them, or every other candidate lacked them, served them
 //!   corrupt, was too slow with them, or was dropped); it steals work only from
-//!   sources the slowness rule has caught.
+//!   sources the slowness rule has caught. With `FetchConfig::fallback_shares` (the
+//!   knowledge base's `source_shares`) it is instead queued every id beside the other
+//!   candidates and steals like them: its rate adds to theirs.
 //! * A chunk a source reports missing, leaves out of a finished stream, or serves
 //!   corrupt (the store's verification fails; it is never stored) is never asked of
 //!   that source again in this fetch and goes to the next candidate. A corrupt chunk

@@ -77,6 +77,14 @@ pub struct KbConfig {
     /// How candidates are scored.
     #[serde(default)]
     pub policy: CandidatePolicy,
+    /// Snapshot caching on every host (`xferd --snapshot-*` flags override it).
+    #[serde(default)]
+    pub snapshots: Option<crate::snapshots::SnapshotConfig>,
+    /// The migration source shares the fetch with the neighbours (their rates add up)
+    /// instead of serving only what no neighbour holds
+    /// ([`crate::chunks::FetchConfig::fallback_shares`]).
+    #[serde(default)]
+    pub source_shares: bool,
 }
 
 impl KbConfig {
@@ -174,6 +182,7 @@ pub struct Kb {
     directory: Arc<dyn Directory>,
     central: Option<service::Central>,
     policy: CandidatePolicy,
+    source_shares: bool,
     clock: Arc<dyn Clock>,
     /// This host's own measurements of its links (from its fetchers).
     links: Mutex<BTreeMap<String, Link>>,
@@ -363,6 +372,7 @@ impl Kb {
             directory,
             central,
             policy: cfg.policy.clone(),
+            source_shares: cfg.source_shares,
             clock,
             links: Mutex::default(),
             published: Mutex::default(),
@@ -424,6 +434,14 @@ impl Kb {
         }
     }
 
+    /// The fetch configuration a destination uses with this knowledge base.
+    pub fn fetch_config(&self, base: crate::chunks::FetchConfig) -> crate::chunks::FetchConfig {
+        crate::chunks::FetchConfig {
+            fallback_shares: self.source_shares,
+            ..base
+        }
+    }
+
     /// Asks the knowledge base who holds `missing` (and which snapshots exist of the
     /// moving container and its service), and ranks the holders into per-chunk
     /// candidates. Never fails: without an answer every chunk comes from the source.
@@ -450,6 +468,7 @@ impl Kb {
         if let Some(s) = &moving.service {
             queries.push(SnapshotQuery::Service(s.clone()));
         }
+        queries.extend(moving.volumes.iter().cloned().map(SnapshotQuery::Volume));
         let snaps = futures::future::join_all(queries.iter().map(|q| self.directory.snapshots(q)));
         let (answer, snaps) = futures::join!(self.directory.holders(missing), snaps);
         let snapshots: Vec<Snapshot> = snaps
@@ -463,6 +482,9 @@ impl Kb {
             })
             .flatten()
             .collect();
+        for s in &snapshots {
+            tracing::info!(host = %s.host, subject = ?s.subject, service = ?s.service, taken = %s.taken, "snapshot known");
+        }
         plan.ask_micros = t.elapsed().as_micros() as u64;
         let answer = match answer {
             Ok(a) => a,
@@ -510,6 +532,25 @@ impl Kb {
         plan.hosts = c.hosts;
         plan.excluded = c.excluded;
         plan
+    }
+
+    /// Priors for a fetcher from a plan: each candidate host whose link figure is
+    /// measured (by this host or reported by that host) starts at the rate the
+    /// ranking computed, until the fetcher measures it ([`Fetcher::set_priors`]).
+    pub fn priors(plan: &FetchPlan) -> Vec<(String, SourceStats)> {
+        plan.hosts
+            .iter()
+            .filter(|h| h.measured_link && h.rate_bps > 0.0)
+            .map(|h| {
+                (
+                    h.host.clone(),
+                    SourceStats {
+                        rate_bps: Some(h.rate_bps),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
     }
 
     /// After a fetch: the store now holds `ids` (one `Add` event), and the fetcher's

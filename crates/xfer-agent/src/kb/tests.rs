@@ -102,6 +102,8 @@ async fn cluster_with(
         hosts,
         neighbours: BTreeMap::new(),
         policy: Default::default(),
+        snapshots: None,
+        source_shares: false,
     };
     let mut out = Vec::new();
     for (i, ((front, _), (l, _))) in ls.into_iter().zip(backs).enumerate() {
