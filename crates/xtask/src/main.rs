@@ -77,7 +77,7 @@ fn main() {
             "handover" => bench_handover::main(args),
             "cooperative" => bench_coop::main(args),
             _ => {
-                println!("bench {name}: not implemented yet");
+                eprintln!("unknown benchmark {name:?}: downtime, handover or cooperative");
                 std::process::exit(2);
             }
         },
