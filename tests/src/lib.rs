@@ -53,6 +53,31 @@ pub fn loadgen_path() -> PathBuf {
     p
 }
 
+/// Runs `xfer-loadgen run` from the client namespace against redis at `ip` for
+/// `seconds` (a write every 500 µs over one connection), its report going to `report`;
+/// join the thread for the process output.
+pub fn spawn_load(
+    lab: &Lab,
+    ip: &str,
+    seconds: u32,
+    report: &std::path::Path,
+) -> std::thread::JoinHandle<Result<std::process::Output, xfer_lab::LabError>> {
+    let args = vec![
+        loadgen_path().display().to_string(),
+        "run".into(),
+        "--addr".into(),
+        format!("{ip}:6379"),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--pace-us".into(),
+        "500".into(),
+        "--out".into(),
+        report.display().to_string(),
+    ];
+    let lab = lab.clone();
+    std::thread::spawn(move || lab.exec("client", &args))
+}
+
 /// Checks from the client namespace that every write acknowledged in a load
 /// generator `report` (keys `KEY_PREFIX:N`, counter `KEY_PREFIXctr`) is in the redis at
 /// `ip`, then removes the report.

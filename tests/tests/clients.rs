@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use xfer_agent::client::Mode;
-use xfer_tests::{chain, loadgen_path, task_pid, TestLab};
+use xfer_tests::{chain, task_pid, TestLab};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
@@ -29,26 +29,7 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
 
     // A steady write load over one connection from the client namespace.
     let report = std::env::temp_dir().join(format!("xfer-load-{}.json", std::process::id()));
-    let lg = loadgen_path();
-    let lab2 = lab.lab.clone();
-    let (ip2, report2) = (ip.clone(), report.clone());
-    let load = std::thread::spawn(move || {
-        lab2.exec(
-            "client",
-            &[
-                lg.display().to_string(),
-                "run".into(),
-                "--addr".into(),
-                format!("{ip2}:6379"),
-                "--seconds".into(),
-                "6".into(),
-                "--pace-us".into(),
-                "500".into(),
-                "--out".into(),
-                report2.display().to_string(),
-            ],
-        )
-    });
+    let load = xfer_tests::spawn_load(&lab.lab, &ip, 6, &report);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
     // Live (pre-copy) migration: rounds while the load runs, then a short cut-over.

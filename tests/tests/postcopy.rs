@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use xfer_agent::client::{Client, MigrateOptions, Mode};
 use xfer_agent::volumes::parse_cli;
-use xfer_tests::{chain, loadgen_path, read_in, task_pid, wait_for, TestLab};
+use xfer_tests::{chain, read_in, task_pid, wait_for, TestLab};
 
 fn sh(script: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script.into()]
@@ -66,26 +66,7 @@ async fn postcopy_keeps_the_connection_and_every_acknowledged_write() {
     redis(&lab, &ip, &["DEBUG", "POPULATE", "200000", "key", "256"]);
 
     let report = std::env::temp_dir().join(format!("xfer-load-pc-{}.json", std::process::id()));
-    let lg = loadgen_path();
-    let lab2 = lab.lab.clone();
-    let (ip2, report2) = (ip.clone(), report.clone());
-    let load = std::thread::spawn(move || {
-        lab2.exec(
-            "client",
-            &[
-                lg.display().to_string(),
-                "run".into(),
-                "--addr".into(),
-                format!("{ip2}:6379"),
-                "--seconds".into(),
-                "6".into(),
-                "--pace-us".into(),
-                "500".into(),
-                "--out".into(),
-                report2.display().to_string(),
-            ],
-        )
-    });
+    let load = xfer_tests::spawn_load(&lab.lab, &ip, 6, &report);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let dst = lab.lab.host("h2").expect("h2").endpoint.clone();
     let rep = h1

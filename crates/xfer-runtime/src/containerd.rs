@@ -681,13 +681,7 @@ impl Runtime for Containerd {
         image_dir: &Path,
         work_dir: &Path,
     ) -> Result<(), RuntimeError> {
-        for d in [image_dir, work_dir] {
-            std::fs::create_dir_all(d).map_err(|source| RuntimeError::Io {
-                op: "create checkpoint directory",
-                path: d.to_path_buf(),
-                source,
-            })?;
-        }
+        create_checkpoint_dirs(image_dir, work_dir)?;
         let opts = runc::CheckpointOptions {
             exit: false,
             open_tcp: true,
@@ -756,6 +750,21 @@ impl Runtime for Containerd {
         }
         self.remove_snapshot(key.as_deref().unwrap_or(id)).await
     }
+}
+
+/// Creates a checkpoint's image and work directories.
+pub(crate) fn create_checkpoint_dirs(
+    image_dir: &Path,
+    work_dir: &Path,
+) -> Result<(), RuntimeError> {
+    for d in [image_dir, work_dir] {
+        std::fs::create_dir_all(d).map_err(|source| RuntimeError::Io {
+            op: "create checkpoint directory",
+            path: d.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The last lines of CRIU's dump log in `work_dir`, to explain a failed checkpoint.

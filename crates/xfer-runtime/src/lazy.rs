@@ -91,13 +91,7 @@ impl LazyDump {
         work_dir: &Path,
         listen: SocketAddr,
     ) -> Result<Self, RuntimeError> {
-        for d in [image_dir, work_dir] {
-            std::fs::create_dir_all(d).map_err(|source| RuntimeError::Io {
-                op: "create checkpoint directory",
-                path: d.to_path_buf(),
-                source,
-            })?;
-        }
+        crate::containerd::create_checkpoint_dirs(image_dir, work_dir)?;
         let (rd, wr): (OwnedFd, OwnedFd) =
             nix::unistd::pipe().map_err(|e| RuntimeError::Spawn {
                 program: "pipe for runc's --status-fd".into(),
