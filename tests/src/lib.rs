@@ -78,6 +78,22 @@ pub fn spawn_load(
     std::thread::spawn(move || lab.exec("client", &args))
 }
 
+/// Waits for a load started by [`spawn_load`]; panics unless it ran to its end.
+/// Returns its JSON report as text (for messages) and parsed.
+pub fn finish_load(
+    load: std::thread::JoinHandle<Result<std::process::Output, xfer_lab::LabError>>,
+) -> (String, serde_json::Value) {
+    let out = load.join().expect("load thread").expect("run loadgen");
+    assert!(
+        out.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let v = serde_json::from_str(&text).expect("report json");
+    (text, v)
+}
+
 /// Checks from the client namespace that every write acknowledged in a load
 /// generator `report` (keys `KEY_PREFIX:N`, counter `KEY_PREFIXctr`) is in the redis at
 /// `ip`, then removes the report.

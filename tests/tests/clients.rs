@@ -51,18 +51,11 @@ async fn redis_client_keeps_its_connection_and_every_acknowledged_write() {
         "the final delta is not smaller than the first round: {:?}",
         rep.rounds
     );
-    let out = load.join().expect("load thread").expect("run loadgen");
-    assert!(
-        out.status.success(),
-        "loadgen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (text, v) = xfer_tests::finish_load(load);
     eprintln!(
         "load during migration: {text}; xfer downtime {} us",
         rep.downtime_micros
     );
-    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("report json");
     // The connection survived: not one error, and the client kept writing afterwards.
     assert_eq!(v["errors"], 0, "the client's connection broke: {text}");
     assert!(v["acked"].as_u64().unwrap_or(0) > 1000, "{text}");

@@ -92,18 +92,11 @@ async fn postcopy_keeps_the_connection_and_every_acknowledged_write() {
         at("restore").is_some() && at("restore") < at("postcopy"),
         "{names:?}"
     );
-    let out = load.join().expect("load thread").expect("run loadgen");
-    assert!(
-        out.status.success(),
-        "loadgen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (text, v) = xfer_tests::finish_load(load);
     eprintln!(
         "post-copy: load {text}; downtime {} us, {} B lazily in {} us",
         rep.downtime_micros, rep.postcopy_bytes, rep.postcopy_micros
     );
-    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("report json");
     assert_eq!(v["errors"], 0, "the client's connection broke: {text}");
     assert!(v["acked"].as_u64().unwrap_or(0) > 1000, "{text}");
     assert!(task_pid(&mut h1, "redis").await.is_none());
