@@ -421,6 +421,16 @@ impl RoundPolicy {
         }
         None
     }
+
+    /// Whether a cut-over right now fits the budget, though the last round's delta did
+    /// not: what the next delta can hold at most (`bound` bytes: the whole memory dump
+    /// and the volume files changed since the round's scan) at the rate the source
+    /// alone delivered (`source_rate`, bytes/s: new bytes only it holds). Spares a
+    /// round that would only re-send what the cut-over sends anyway (a first round
+    /// that was large because it carried a volume, not because the task is busy).
+    pub fn next_fits(&self, bound: u64, source_rate: f64) -> bool {
+        source_rate > 0.0 && (bound as f64 / source_rate) <= self.budget.as_secs_f64()
+    }
 }
 
 /// How a mode moves memory: in pre-copy rounds, lazily after the restore, or decided
@@ -847,9 +857,38 @@ pub async fn precopy<R: Runtime, D: Destination>(
             end.why = Some(why);
             break;
         }
+        let vol_changed = chunks
+            .volumes
+            .lock()
+            .await
+            .changed_since_scan()
+            .unwrap_or(0);
+        let bound = if memory { dump_bytes } else { 0 } + vol_changed;
+        if policy.next_fits(bound, source_rate(&reply, rate)) {
+            let why = "the next delta fits the downtime budget (at most the memory dump and the volume files changed since the round)";
+            info!(round, bound, dump_bytes, vol_changed, why, "pre-copy done");
+            end.why = Some(why);
+            break;
+        }
         prev = Some(reply.wire_bytes);
     }
     Ok(end)
+}
+
+/// The rate the migration source alone delivered in a round (its bytes over the
+/// round's fetch time), or `overall` if it served too little to tell.
+fn source_rate(reply: &SyncReply, overall: f64) -> f64 {
+    let own: u64 = reply
+        .sources
+        .iter()
+        .filter(|s| s.source == crate::chunks::FALLBACK_NAME)
+        .map(|s| s.wire_bytes)
+        .sum();
+    if own >= 1 << 20 && reply.fetch_micros > 0 {
+        own as f64 / (reply.fetch_micros as f64 / 1e6)
+    } else {
+        overall
+    }
 }
 
 /// A lazy cut-over's writable-layer diff up to this size goes whole with the images.
@@ -1277,6 +1316,13 @@ mod tests {
         lazy: Option<LazyPages>,
         /// Files streamed whole (a lazy cut-over's images).
         direct: Vec<String>,
+        /// Each round's delta as the reply gives it, all from the source, taking 1 s
+        /// (default: 1 byte).
+        delta: Option<u64>,
+        /// While each round's fetch runs, this file is rewritten with this many bytes
+        /// (the task writes to its volume meanwhile).
+        write_during: Option<(PathBuf, usize)>,
+        rounds: u32,
     }
 
     impl Destination for FakeDest {
@@ -1286,9 +1332,20 @@ mod tests {
             }
             let objects = crate::sync::decode_objects(&req.objects)?;
             self.files.extend(objects.iter().map(|o| o.name.clone()));
+            self.rounds += 1;
+            if let Some((path, n)) = &self.write_during {
+                std::fs::write(path, vec![self.rounds as u8; *n]).expect("write");
+            }
+            let wire = self.delta.unwrap_or(1);
             Ok(SyncReply {
                 chunks: 1,
-                wire_bytes: 1,
+                wire_bytes: wire,
+                fetch_micros: 1_000_000,
+                sources: vec![xfer_proto::v1::SourceBytes {
+                    source: crate::chunks::FALLBACK_NAME.into(),
+                    chunks: 1,
+                    wire_bytes: wire,
+                }],
                 ..Default::default()
             })
         }
@@ -1328,6 +1385,20 @@ mod tests {
         }
     }
 
+    /// A chunk side over `store` and `moves`, no network, no knowledge base.
+    fn test_side<'a>(
+        store: &'a std::sync::Arc<xfer_store::Store>,
+        moves: &'a tokio::sync::Mutex<crate::volumes::Moves>,
+    ) -> ChunkSide<'a> {
+        ChunkSide {
+            store,
+            endpoint: "http://127.0.0.1:1",
+            volumes: moves,
+            source_net: None,
+            kb: None,
+        }
+    }
+
     async fn run_cutover(
         rt: &FakeRuntime,
         dst: &mut FakeDest,
@@ -1344,13 +1415,7 @@ mod tests {
         let store =
             std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
         let moves = tokio::sync::Mutex::default();
-        let chunks = ChunkSide {
-            store: &store,
-            endpoint: "http://127.0.0.1:1",
-            volumes: &moves,
-            source_net: None,
-            kb: None,
-        };
+        let chunks = test_side(&store, &moves);
         let (tx, _rx) = mpsc::channel(64);
         let mut phases = Vec::new();
         let mut rounds = Vec::new();
@@ -1522,13 +1587,83 @@ mod tests {
         assert_eq!(step, Step::Freeze);
         assert_eq!(rt.calls(), vec!["pause".to_string()]);
     }
+
+    /// Pre-copy rounds of the fake task with one read-write volume `vol` (holding a
+    /// 1 MB file) against `dst`, budget 100 ms.
+    async fn run_precopy(dst: &mut FakeDest, vol: &Path) -> (Vec<RoundReport>, PrecopyEnd) {
+        let (rt, _u) = fake_rt(None);
+        let out = tempfile::tempdir().expect("tmp");
+        let store =
+            std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
+        std::fs::write(vol.join("base"), vec![1u8; 1_000_000]).expect("write");
+        let moves = tokio::sync::Mutex::new(crate::volumes::Moves::of_dirs(
+            vec![("rw-0".into(), vol.to_path_buf(), false)],
+            out.path().join("volumes"),
+        ));
+        let chunks = test_side(&store, &moves);
+        let (tx, _rx) = mpsc::channel(64);
+        let (mut phases, mut rounds) = (Vec::new(), Vec::new());
+        let policy =
+            RoundPolicy::from_request(MigrationMode::Precopy, &super::policy_tests::req(4, 100));
+        let end = precopy(
+            &rt,
+            dst,
+            &chunks,
+            "m1",
+            &record(),
+            &policy,
+            true,
+            out.path(),
+            &tx,
+            &mut phases,
+            &mut rounds,
+        )
+        .await
+        .expect("precopy");
+        (rounds, end)
+    }
+
+    #[tokio::test]
+    async fn a_large_first_round_of_a_quiet_task_is_the_last() {
+        // 100 MB in 1 s: the delta alone does not fit 100 ms. But the dump is 10 kB
+        // and nothing in the volume changed since its scan: a second round would only
+        // re-send what the cut-over sends anyway.
+        let vol = tempfile::tempdir().expect("tmp");
+        let mut dst = FakeDest {
+            delta: Some(100_000_000),
+            ..Default::default()
+        };
+        let (rounds, end) = run_precopy(&mut dst, vol.path()).await;
+        assert_eq!(rounds.len(), 1);
+        assert!(
+            end.why
+                .is_some_and(|w| w.starts_with("the next delta fits")),
+            "{:?}",
+            end.why
+        );
+    }
+
+    #[tokio::test]
+    async fn a_volume_written_during_the_round_gets_another_round() {
+        // The task rewrote 20 MB of its volume while round 1 went: at the source's
+        // 100 MB/s that is 200 ms, more than the budget, so round 2 runs (and then
+        // stops: its delta stopped shrinking).
+        let vol = tempfile::tempdir().expect("tmp");
+        let mut dst = FakeDest {
+            delta: Some(100_000_000),
+            write_during: Some((vol.path().join("hot"), 20_000_000)),
+            ..Default::default()
+        };
+        let (rounds, end) = run_precopy(&mut dst, vol.path()).await;
+        assert!(rounds.len() >= 2, "{:?}", end.why);
+    }
 }
 
 #[cfg(test)]
 mod policy_tests {
     use super::*;
 
-    fn req(rounds: u32, budget: u32) -> MigrateRequest {
+    pub(super) fn req(rounds: u32, budget: u32) -> MigrateRequest {
         MigrateRequest {
             max_rounds: rounds,
             downtime_budget_ms: budget,

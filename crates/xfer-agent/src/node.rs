@@ -377,7 +377,11 @@ impl Node {
                 Some(f) => f,
                 None => {
                     let peer = self.chunk_peer(&r.chunk_endpoint).await?;
-                    let mut f = crate::chunks::Fetcher::new(store.clone(), "source", peer);
+                    let mut f = crate::chunks::Fetcher::new(
+                        store.clone(),
+                        crate::chunks::FALLBACK_NAME,
+                        peer,
+                    );
                     if let Some(kb) = &self.kb {
                         kb.add_sources(&mut f, &r.chunk_endpoint);
                         let cfg = kb.fetch_config(f.config().clone());

@@ -433,6 +433,8 @@ pub struct Moves {
     scratch: PathBuf,
     /// Manifests of read-only volumes, once published (re-offered in the final round).
     ro_published: Vec<xfer_proto::v1::ObjectManifest>,
+    /// When the last round's tars began (what changed after it is the next delta).
+    scanned_at: Option<std::time::SystemTime>,
 }
 
 impl Moves {
@@ -446,7 +448,58 @@ impl Moves {
                 .collect(),
             scratch,
             ro_published: Vec::new(),
+            scanned_at: None,
         }
+    }
+
+    /// Moves of the given (object name, directory, read-only) items (tests).
+    #[cfg(test)]
+    pub(crate) fn of_dirs(items: Vec<(String, PathBuf, bool)>, scratch: PathBuf) -> Moves {
+        Moves {
+            items,
+            scratch,
+            ..Default::default()
+        }
+    }
+
+    /// An upper bound of what the read-write volumes changed since the last round's
+    /// tars began: the sizes of the entries modified (content or metadata) since then,
+    /// each entry at least one tar header. `None` before any round.
+    pub fn changed_since_scan(&self) -> Option<u64> {
+        let since = self.scanned_at?;
+        fn walk(dir: &Path, since: std::time::SystemTime, total: &mut u64) {
+            let Ok(rd) = fs::read_dir(dir) else {
+                // Gone or unreadable: the next round's tar says what it is.
+                *total += 512;
+                return;
+            };
+            for e in rd.flatten() {
+                let Ok(md) = e.path().symlink_metadata() else {
+                    continue;
+                };
+                let changed =
+                    |t: std::io::Result<std::time::SystemTime>| t.is_ok_and(|t| t >= since);
+                let ctime = std::time::UNIX_EPOCH
+                    + std::time::Duration::new(
+                        std::os::unix::fs::MetadataExt::ctime(&md).max(0) as u64,
+                        std::os::unix::fs::MetadataExt::ctime_nsec(&md).clamp(0, 999_999_999)
+                            as u32,
+                    );
+                if changed(md.modified()) || ctime >= since {
+                    *total += 512 + if md.is_file() { md.len() } else { 0 };
+                }
+                if md.is_dir() {
+                    walk(&e.path(), since, total);
+                }
+            }
+        }
+        let mut total = 0;
+        for (_, dir, ro) in &self.items {
+            if !*ro {
+                walk(dir, since, &mut total);
+            }
+        }
+        Some(total)
     }
 
     /// Whether the container has no volumes at all.
@@ -456,9 +509,12 @@ impl Moves {
 
     /// Tars of this round: every read-write volume, and the read-only ones until
     /// they were published once.
-    pub fn round_files(&self, round: u32) -> Result<Vec<crate::transfer::OutFile>, AgentError> {
+    pub fn round_files(&mut self, round: u32) -> Result<Vec<crate::transfer::OutFile>, AgentError> {
         let dir = self.scratch.join(format!("round-{round}"));
         let mut out = Vec::new();
+        // Before the first tar, less the file clock's coarseness (it lags the precise
+        // clock by up to a tick): a change racing the walk counts as changed after it.
+        self.scanned_at = Some(std::time::SystemTime::now() - std::time::Duration::from_millis(50));
         for (name, src, ro) in &self.items {
             if *ro && !self.ro_published.is_empty() {
                 continue;

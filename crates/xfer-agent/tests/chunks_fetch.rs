@@ -156,6 +156,57 @@ mod chunks {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_only_the_fallback_holds_goes_first() {
+        // 400 chunks both peers and the fallback hold, then 100 only the fallback
+        // holds (a volume's rewritten tail): the fallback's first request must be the
+        // exclusive ones, so the fetch does not end waiting for them alone.
+        let set = chunks(500, 4096);
+        let exclusive = |i: usize| i >= 400;
+        let paced = |name: &str, keep: &dyn Fn(usize) -> bool| {
+            FakePeer::new(name, store(&set, keep)).with(|b| b.per_chunk = Duration::from_millis(1))
+        };
+        let origin = paced("origin", &|_| true);
+        let (a, b) = (
+            paced("a", &|i| !exclusive(i)),
+            paced("b", &|i| !exclusive(i)),
+        );
+        let dest = Arc::new(MemStore::new());
+        let f = Fetcher::new(dest.clone(), "origin", peer(&origin))
+            .with_source("a", peer(&a))
+            .with_source("b", peer(&b))
+            .with_config(FetchConfig {
+                fallback_shares: true,
+                ..FetchConfig::default()
+            });
+        let w: Vec<Want> = set
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Want {
+                id: *id,
+                sources: if exclusive(i) {
+                    vec![]
+                } else {
+                    vec!["a".into(), "b".into()]
+                },
+            })
+            .collect();
+        let r = f.fetch(&w).await.expect("fetch");
+        assert_all_verified(&dest, &set);
+        let reqs = origin.requests();
+        let first = reqs.first().expect("the fallback was asked");
+        let excl: std::collections::HashSet<Digest> = set.ids[400..].iter().copied().collect();
+        assert!(
+            first.iter().all(|id| excl.contains(id)),
+            "the fallback's first request holds {} shared ids of {}",
+            first.iter().filter(|id| !excl.contains(id)).count(),
+            first.len()
+        );
+        assert!(r.sources["origin"].chunks >= 100);
+        assert!(a.requests().iter().flatten().all(|id| !excl.contains(id)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn priors_rank_sources_before_they_are_measured() {
         let set = chunks(64, 4096);
         let origin = FakePeer::new("origin", store(&set, |_| true));

@@ -82,6 +82,14 @@ pub struct CoopArgs {
     /// Where the results go (default: bench/results).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Only these rows (comma-separated, of: traditional, central_pull, central_push,
+    /// online_query, neighbour_pull, neighbour_subscribe, online_query_spared).
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Leave the lab up at the end, to read the agents' logs (`xfer --prefix PREFIX
+    /// lab down` removes it).
+    #[arg(long)]
+    pub keep_lab: bool,
 }
 
 const MODES: [&str; 7] = [
@@ -124,6 +132,10 @@ struct Sample {
     client_mbit: f64,
     /// The source's uplink: bytes / total time, Mbit/s.
     source_uplink_mbit: f64,
+    /// The migration's report (`xfer migrate --json`: phases, rounds).
+    report: serde_json::Value,
+    /// Uplink rate of h1, h3 and h4 in each 250 ms of the migration, Mbit/s.
+    uplinks: BTreeMap<String, Vec<f64>>,
 }
 
 pub fn main(argv: &[String]) -> Result<()> {
@@ -315,6 +327,35 @@ fn client_counter(lab: &Lab) -> Result<u64> {
         .parse()?)
 }
 
+/// Every 250 ms until `stop`: the uplink rates of the hosts that serve chunks.
+fn sample_uplinks(lab: &Lab, stop: &std::sync::atomic::AtomicBool) -> BTreeMap<String, Vec<f64>> {
+    const STEP: Duration = Duration::from_millis(250);
+    let hosts = ["h1", "h3", "h4"];
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let read = || -> Vec<u64> {
+        hosts
+            .iter()
+            .map(|h| lab.counters(h).map(|c| c.0).unwrap_or(0))
+            .collect()
+    };
+    let mut last = read();
+    let mut at = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(STEP);
+        let now = read();
+        let dt = at.elapsed().as_secs_f64();
+        at = Instant::now();
+        for (i, h) in hosts.iter().enumerate() {
+            let rate = now[i].saturating_sub(last[i]) as f64 * 8.0 / 1e6 / dt;
+            out.entry(h.to_string())
+                .or_default()
+                .push((rate * 10.0).round() / 10.0);
+        }
+        last = now;
+    }
+    out
+}
+
 fn one(lab: &Lab, mode: &str, load: bool) -> Result<Sample> {
     // What the neighbours' snapshot lacks: the hot file, rewritten in the volume on h1.
     let hot = lab.work_dir("h1").join("volumes/data/hot");
@@ -334,7 +375,13 @@ fn one(lab: &Lab, mode: &str, load: bool) -> Result<Sample> {
         .collect::<Result<_>>()?;
     let client_before = client_counter(lab)?;
     let t = Instant::now();
-    let rep = lab.migrate("h1", "h2");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (rep, uplinks) = std::thread::scope(|sc| {
+        let sampler = sc.spawn(|| sample_uplinks(lab, &stop));
+        let rep = lab.migrate("h1", "h2");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (rep, sampler.join().unwrap_or_default())
+    });
     let wall = t.elapsed();
     let client_bytes = client_counter(lab)? - client_before;
     drop(bg);
@@ -368,6 +415,8 @@ fn one(lab: &Lab, mode: &str, load: bool) -> Result<Sample> {
         *s.sources.entry(name.clone()).or_default() += b;
         *s.image_sources.entry(name).or_default() += b;
     }
+    s.report = rep.clone();
+    s.uplinks = uplinks;
     s.client_mbit = client_bytes as f64 * 8.0 / 1e6 / wall.as_secs_f64().max(1e-3);
     s.source_uplink_mbit = s.up["h1"] as f64 * 8.0 / 1e6 / wall.as_secs_f64().max(1e-3);
     Ok(s)
@@ -526,6 +575,12 @@ fn bench(args: &CoopArgs, tl: &mut Timeline) -> Result<()> {
     if args.repeats == 0 || args.hot_mb >= args.volume_mb {
         bail!("--repeats must be at least 1 and --hot-mb below --volume-mb");
     }
+    if let Some(m) = args.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
+        bail!(
+            "unknown mode {m:?} in --modes: the rows are {}",
+            MODES.join(", ")
+        );
+    }
     if args.no_setup {
         tl.skip("setup", "--no-setup");
     } else {
@@ -554,7 +609,9 @@ fn bench(args: &CoopArgs, tl: &mut Timeline) -> Result<()> {
     };
     let _ = capture(&mut lab.xfer(&["lab", "down"]));
     let res = run_all(args, tl, &mut lab);
-    let _ = capture(&mut lab.xfer(&["lab", "down"]));
+    if !args.keep_lab {
+        let _ = capture(&mut lab.xfer(&["lab", "down"]));
+    }
     let _ = std::fs::remove_dir_all(&kb_dir);
     let samples = res?;
     let md = markdown(args, &samples);
@@ -628,7 +685,10 @@ fn run_all(args: &CoopArgs, tl: &mut Timeline, lab: &mut Lab) -> Result<Vec<Samp
     })?;
     let mut samples = Vec::new();
     for r in 0..args.repeats {
-        for m in MODES {
+        for m in MODES
+            .into_iter()
+            .filter(|m| args.modes.is_empty() || args.modes.iter().any(|x| x == m))
+        {
             let s = tl.step(&format!("{m} (run {})", r + 1), || {
                 // The destination lacks the image (and, below, any chunk).
                 capture(&mut lab.xfer(&["image", "rm", "--host", "h2", &args.image]))?;

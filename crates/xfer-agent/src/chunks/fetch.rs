@@ -324,11 +324,17 @@ impl<S: ChunkStore> Fetcher<S> {
         if self.cfg.probe_have && run.remaining > 0 {
             run.probe().await;
         }
-        for i in 0..run.items.len() {
-            if run.items[i].st == St::Needed {
-                run.needed += 1;
-                run.requeue(i as u32, true);
-            }
+        // Rarest first: ids with fewer candidates are queued first (a stable sort keeps
+        // the wanted order within each group, so a server still reads sequentially).
+        // What only the source holds then goes out first, and the tail of the fetch is
+        // made of ids any idle source can take over.
+        let mut order: Vec<u32> = (0..run.items.len() as u32)
+            .filter(|&i| run.items[i as usize].st == St::Needed)
+            .collect();
+        order.sort_by_key(|&i| run.items[i as usize].cands.count_ones());
+        for i in order {
+            run.needed += 1;
+            run.requeue(i, true);
         }
         let result = run.drive().await;
         run.tasks.abort_all();

@@ -53,7 +53,10 @@
 //! and 5 ms while none is measured), load 0. A `Fetcher` keeps what it measured
 //! across fetches (pre-copy rounds).
 //!
-//! **Scheduling.** Every wanted id sits in the queue of each usable candidate. In rank
+//! **Scheduling.** Every wanted id sits in the queue of each usable candidate, rarest
+//! first (ids with fewer candidates ahead, wanted order kept within a group: what only
+//! one source holds goes first, so the end of a fetch is work any source can take
+//! over). In rank
 //! order each source takes work from its queue while it has a free request slot:
 //! the best source has `max_inflight_per_source` (4) slots, others slots in
 //! proportion to their score (at least 1), and at most `max_inflight_total` (16)
@@ -104,6 +107,10 @@ pub mod server;
 pub mod store;
 mod store_impl;
 pub mod wire;
+
+/// The name a destination gives the migration source (the fetcher's fallback) in its
+/// fetches and reports.
+pub const FALLBACK_NAME: &str = "source";
 
 pub use error::ChunkError;
 pub use fetch::{FetchConfig, FetchReport, Fetcher, SourceReport, Want};
