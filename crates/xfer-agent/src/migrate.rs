@@ -646,12 +646,11 @@ async fn publish_and_sync<D: Destination>(
     let lease = mid.to_string();
     let mut vols = chunks.volumes.lock().await;
     let mut files = files;
-    files.extend(vols.round_files(round)?);
+    files.extend(vols.round_files());
     let (mut manifests, published) =
         tokio::task::spawn_blocking(move || crate::sync::publish(&store, &lease, &files))
             .await
             .map_err(|e| AgentError::Refused(format!("chunking task: {e}")))??;
-    vols.done_round(round);
     if let Some(kb) = chunks.kb {
         if let Ok(objs) = crate::sync::decode_objects(&manifests) {
             kb.inventory().added(&crate::sync::chunk_ids(&objs));
@@ -707,7 +706,6 @@ async fn run_after_prepare(
         &vols,
         &node.cfg.work_dir,
         &record.id,
-        out_dir.join("volumes"),
     ));
     let chunks = ChunkSide {
         store: &node.store,
@@ -1596,10 +1594,11 @@ mod tests {
         let store =
             std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
         std::fs::write(vol.join("base"), vec![1u8; 1_000_000]).expect("write");
-        let moves = tokio::sync::Mutex::new(crate::volumes::Moves::of_dirs(
-            vec![("rw-0".into(), vol.to_path_buf(), false)],
-            out.path().join("volumes"),
-        ));
+        let moves = tokio::sync::Mutex::new(crate::volumes::Moves::of_dirs(vec![(
+            "rw-0".into(),
+            vol.to_path_buf(),
+            false,
+        )]));
         let chunks = test_side(&store, &moves);
         let (tx, _rx) = mpsc::channel(64);
         let (mut phases, mut rounds) = (Vec::new(), Vec::new());

@@ -487,33 +487,14 @@ pub async fn pass(node: &crate::node::Node, keeper: &Arc<Keeper>) -> Pass {
             }
             let object = v.object_name(i);
             let src = v.host_path(&node.cfg.work_dir, &id, i);
-            let tar = scratch.join(format!("{id}-{object}.tar"));
-            let captured = {
-                let (src, tar, scratch) = (src.clone(), tar.clone(), scratch.clone());
-                tokio::task::spawn_blocking(move || {
-                    std::fs::create_dir_all(&scratch).map_err(|source| AgentError::WriteFile {
-                        path: scratch.clone(),
-                        source,
-                    })?;
-                    volumes::capture(&src, &tar)
-                })
-                .await
-                .map_err(|e| AgentError::Refused(format!("capture task: {e}")))
-                .and_then(|r| r)
-            };
-            let res = match captured {
-                Ok(_) => {
-                    let files = vec![OutFile {
-                        kind: FileKind::Volume,
-                        name: object.clone(),
-                        path: tar.clone(),
-                    }];
-                    let guid = volume_guid(&id, &object);
-                    take_blocking(keeper, Subject::Volume(guid), service.clone(), files).await
-                }
-                Err(e) => Err(e),
-            };
-            let _ = std::fs::remove_file(&tar);
+            // The directory itself: publishing streams its tar into the chunker.
+            let files = vec![OutFile {
+                kind: FileKind::Volume,
+                name: object.clone(),
+                path: src,
+            }];
+            let guid = volume_guid(&id, &object);
+            let res = take_blocking(keeper, Subject::Volume(guid), service.clone(), files).await;
             match res {
                 Ok(Taken::New(s)) => out.taken.push(s),
                 Ok(Taken::Unchanged(_)) => out.unchanged += 1,

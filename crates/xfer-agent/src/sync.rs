@@ -56,8 +56,153 @@ fn store_err(what: &str) -> impl FnOnce(xfer_store::StoreError) -> AgentError + 
     }
 }
 
+/// Chunks the tar of directory `dir` ([`crate::volumes::capture_into`]) as it is
+/// written: a thread writes the tar into a bounded in-memory pipe that the pipeline
+/// reads, so no copy of the directory lands on disk and the two run side by side.
+fn publish_dir<F>(
+    pipeline: &Pipeline,
+    dir: &Path,
+    kind: ObjectKind,
+    store: &Store,
+    sink: F,
+) -> Result<xfer_store::pipeline::PipelineOutput, AgentError>
+where
+    F: FnMut(xfer_store::pipeline::CompressedChunk) -> Result<(), xfer_store::StoreError>,
+{
+    let (w, r) = pipe::pipe(4);
+    std::thread::scope(|sc| {
+        let writer = sc.spawn(move || crate::volumes::capture_into(dir, w)?.finish());
+        let res = pipeline.run(kind, r, store, sink);
+        // A failed tar ends the pipe early: that manifest is of a cut tar, so the
+        // tar's own result decides first.
+        let tar = writer
+            .join()
+            .map_err(|_| AgentError::Refused(format!("the tar of {} panicked", dir.display())))?;
+        tar?;
+        res.map_err(store_err("chunk a directory's tar"))
+    })
+}
+
+/// A bounded in-memory byte pipe between two threads (1 MiB blocks).
+mod pipe {
+    use std::io;
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+    const BLOCK: usize = 1 << 20;
+
+    /// Makes a pipe holding at most `depth` blocks in flight.
+    pub fn pipe(depth: usize) -> (Writer, Reader) {
+        let (tx, rx) = sync_channel(depth);
+        (
+            Writer {
+                tx,
+                buf: Vec::with_capacity(BLOCK),
+            },
+            Reader {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            },
+        )
+    }
+
+    pub struct Writer {
+        tx: SyncSender<Vec<u8>>,
+        buf: Vec<u8>,
+    }
+
+    impl Writer {
+        fn send(&mut self) -> io::Result<()> {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
+            self.tx
+                .send(full)
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the chunker stopped"))
+        }
+
+        /// Sends what is buffered; the reader sees the end once this is dropped.
+        pub fn finish(mut self) -> Result<(), crate::error::AgentError> {
+            if !self.buf.is_empty() {
+                self.send()
+                    .map_err(|e| crate::error::AgentError::Refused(e.to_string()))?;
+            }
+            Ok(())
+        }
+    }
+
+    impl io::Write for Writer {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let n = data.len().min(BLOCK - self.buf.len());
+            self.buf.extend_from_slice(&data[..n]);
+            if self.buf.len() == BLOCK {
+                self.send()?;
+            }
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    pub struct Reader {
+        rx: Receiver<Vec<u8>>,
+        cur: Vec<u8>,
+        pos: usize,
+    }
+
+    impl io::Read for Reader {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            while self.pos == self.cur.len() {
+                match self.rx.recv() {
+                    Ok(b) => {
+                        self.cur = b;
+                        self.pos = 0;
+                    }
+                    // The writer is gone: the end (its result says whether complete).
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = out.len().min(self.cur.len() - self.pos);
+            out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::io::{Read, Write};
+
+        #[test]
+        fn bytes_cross_in_order_and_end_when_the_writer_is_done() {
+            let (mut w, mut r) = super::pipe(2);
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+            let d = data.clone();
+            let t = std::thread::spawn(move || {
+                for part in d.chunks(7777) {
+                    w.write_all(part).expect("write");
+                }
+                w.finish().expect("finish");
+            });
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).expect("read");
+            t.join().expect("writer");
+            assert_eq!(got, data);
+        }
+
+        #[test]
+        fn a_gone_reader_breaks_the_writer() {
+            let (mut w, r) = super::pipe(1);
+            drop(r);
+            let err = w.write_all(&vec![0u8; 3 << 20]).expect_err("must fail");
+            assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+        }
+    }
+}
+
 /// Chunks `files` into `store` (blocking; call from a blocking thread) and leases
-/// every chunk they reference under `lease`, in memory: persist the lease
+/// every chunk they reference under `lease`, in memory (a file whose path is a
+/// directory is published as that directory's tar, streamed): persist the lease
 /// ([`Store::persist_lease`]) before the round ends. Returns their manifests.
 pub fn publish(
     store: &Store,
@@ -73,15 +218,24 @@ pub fn publish(
     let mut batch = store.batch();
     for f in files {
         let kind = object_kind(f.kind, &f.name);
-        let mode = std::fs::metadata(&f.path)
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-            .unwrap_or(0o600);
+        let mode = match std::fs::metadata(&f.path) {
+            // A directory goes as its tar: the mode a captured tar file has.
+            Ok(m) if m.is_dir() => 0o644,
+            Ok(m) => std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777,
+            Err(_) => 0o600,
+        };
         let t = std::time::Instant::now();
-        let res = pipeline.run_file(&f.path, kind, store, |c| {
+        let sink = |c: xfer_store::pipeline::CompressedChunk| {
             batch.put_compressed(c.id, &c.frame, c.raw_len)?;
             Ok::<_, xfer_store::StoreError>(())
-        });
-        let res = res.map_err(store_err("chunk a file"))?;
+        };
+        let res = if f.path.is_dir() {
+            publish_dir(&pipeline, &f.path, kind, store, sink)?
+        } else {
+            pipeline
+                .run_file(&f.path, kind, store, sink)
+                .map_err(store_err("chunk a file"))?
+        };
         debug!(
             file = %f.name,
             bytes = res.manifest.length(),
@@ -267,6 +421,40 @@ pub fn open_store(dir: &Path) -> Result<Arc<Store>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_publishes_as_its_tar_would() {
+        // Same manifest as the tar file of the same directory: snapshots and rounds
+        // deduplicate against each other and against older agents' tars.
+        let t = tempfile::tempdir().expect("tmp");
+        let store = Store::open(t.path().join("s")).expect("store");
+        let dir = t.path().join("vol");
+        std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        let big: Vec<u8> = (0..5_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(dir.join("big"), &big).expect("write");
+        std::fs::write(dir.join("sub/small"), b"hello").expect("write");
+        let tar = t.path().join("vol.tar");
+        crate::volumes::capture(&dir, &tar).expect("capture");
+        let as_file = |path: PathBuf| OutFile {
+            kind: FileKind::Volume,
+            name: "rw-0".into(),
+            path,
+        };
+        let (from_tar, _) = publish(&store, "a", &[as_file(tar)]).expect("publish tar");
+        let (from_dir, p) = publish(&store, "b", &[as_file(dir.clone())]).expect("publish dir");
+        assert_eq!(from_dir, from_tar);
+        assert_eq!(p.new_chunks, 0, "every chunk was already there");
+        // A directory that cannot be read is an error, not the manifest of a cut tar.
+        let gone = publish(&store, "c", &[as_file(t.path().join("gone"))]);
+        assert!(gone.is_err());
+        // A tar that fails after its first megabytes (an entry tar cannot hold, here a
+        // socket, sorted after the big file) is an error too.
+        let _sock = std::os::unix::net::UnixListener::bind(dir.join("z.sock")).expect("bind");
+        let cut = publish(&store, "d", &[as_file(dir.clone())]);
+        assert!(cut.is_err(), "a cut tar was published: {cut:?}");
+    }
 
     #[test]
     fn objects_round_trip_through_two_stores() {

@@ -285,14 +285,22 @@ pub fn installed_digest(work: &Path, name: &str) -> Option<String> {
 
 /// Writes a tar of directory `dir`'s content to `out`: entries in sorted order, with
 /// modes, owners, times; symlinks as links. The same content gives the same bytes, so
-/// rounds deduplicate.
+/// rounds deduplicate. Not synced: it is scratch (what is published is verified by
+/// digest, and a crash fails the migration anyway).
 pub fn capture(dir: &Path, out: &Path) -> Result<u64, AgentError> {
     let werr = |source| AgentError::WriteFile {
         path: out.to_path_buf(),
         source,
     };
     let f = fs::File::create(out).map_err(werr)?;
-    let mut b = tar::Builder::new(io::BufWriter::new(f));
+    let w = capture_into(dir, io::BufWriter::new(f))?;
+    let f = w.into_inner().map_err(|e| werr(e.into_error()))?;
+    Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
+}
+
+/// The tar of [`capture`], written to `w` (returned once the tar is complete).
+pub fn capture_into<W: io::Write>(dir: &Path, w: W) -> Result<W, AgentError> {
+    let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Complete);
     fn walk<W: io::Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -> io::Result<()> {
@@ -308,14 +316,12 @@ pub fn capture(dir: &Path, out: &Path) -> Result<u64, AgentError> {
         }
         Ok(())
     }
-    walk(&mut b, dir, Path::new("")).map_err(|source| AgentError::ReadFile {
+    let rerr = |source| AgentError::ReadFile {
         path: dir.to_path_buf(),
         source,
-    })?;
-    let w = b.into_inner().map_err(werr)?;
-    let f = w.into_inner().map_err(|e| werr(e.into_error()))?;
-    f.sync_all().map_err(werr)?;
-    Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
+    };
+    walk(&mut b, dir, Path::new("")).map_err(rerr)?;
+    b.into_inner().map_err(rerr)
 }
 
 /// Replaces directory `target`'s content with tar `tar_path` (unpacked beside it,
@@ -429,8 +435,6 @@ pub fn rewrite_mounts(
 pub struct Moves {
     /// (object name, path on this node, read-only)
     items: Vec<(String, PathBuf, bool)>,
-    /// Where the tars are written.
-    scratch: PathBuf,
     /// Manifests of read-only volumes, once published (re-offered in the final round).
     ro_published: Vec<xfer_proto::v1::ObjectManifest>,
     /// When the last round's tars began (what changed after it is the next delta).
@@ -439,14 +443,13 @@ pub struct Moves {
 
 impl Moves {
     /// The volumes of container `id` on a node with work directory `work`.
-    pub fn new(vols: &[Volume], work: &Path, id: &str, scratch: PathBuf) -> Moves {
+    pub fn new(vols: &[Volume], work: &Path, id: &str) -> Moves {
         Moves {
             items: vols
                 .iter()
                 .enumerate()
                 .map(|(i, v)| (v.object_name(i), v.host_path(work, id, i), v.read_only))
                 .collect(),
-            scratch,
             ro_published: Vec::new(),
             scanned_at: None,
         }
@@ -454,10 +457,9 @@ impl Moves {
 
     /// Moves of the given (object name, directory, read-only) items (tests).
     #[cfg(test)]
-    pub(crate) fn of_dirs(items: Vec<(String, PathBuf, bool)>, scratch: PathBuf) -> Moves {
+    pub(crate) fn of_dirs(items: Vec<(String, PathBuf, bool)>) -> Moves {
         Moves {
             items,
-            scratch,
             ..Default::default()
         }
     }
@@ -507,10 +509,10 @@ impl Moves {
         self.items.is_empty()
     }
 
-    /// Tars of this round: every read-write volume, and the read-only ones until
-    /// they were published once.
-    pub fn round_files(&mut self, round: u32) -> Result<Vec<crate::transfer::OutFile>, AgentError> {
-        let dir = self.scratch.join(format!("round-{round}"));
+    /// This round's objects: every read-write volume, and the read-only ones until
+    /// they were published once; each names the volume's directory, whose tar
+    /// ([`capture_into`]) publishing streams into the chunker.
+    pub fn round_files(&mut self) -> Vec<crate::transfer::OutFile> {
         let mut out = Vec::new();
         // Before the first tar, less the file clock's coarseness (it lags the precise
         // clock by up to a tick): a change racing the walk counts as changed after it.
@@ -519,19 +521,13 @@ impl Moves {
             if *ro && !self.ro_published.is_empty() {
                 continue;
             }
-            fs::create_dir_all(&dir).map_err(|source| AgentError::WriteFile {
-                path: dir.clone(),
-                source,
-            })?;
-            let path = dir.join(format!("{name}.tar"));
-            capture(src, &path)?;
             out.push(crate::transfer::OutFile {
                 kind: xfer_proto::v1::FileKind::Volume,
                 name: name.clone(),
-                path,
+                path: src.clone(),
             });
         }
-        Ok(out)
+        out
     }
 
     /// Notes what a round published; returns the read-only manifests that round did
@@ -552,17 +548,6 @@ impl Moves {
             return Vec::new();
         }
         self.ro_published.clone()
-    }
-
-    /// Removes the tars of `round` (published: the destination fetches chunks from
-    /// the store, not from these files).
-    pub fn done_round(&self, round: u32) {
-        let _ = fs::remove_dir_all(self.scratch.join(format!("round-{round}")));
-    }
-
-    /// Removes this migration's tars.
-    pub fn cleanup(&self) {
-        let _ = fs::remove_dir_all(&self.scratch);
     }
 }
 
