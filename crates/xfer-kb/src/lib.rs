@@ -46,8 +46,9 @@ pub use error::KbError;
 pub use index::Index;
 pub use inventory::{Inventory, MemInventory, StoreInventory};
 pub use model::{
-    Applied, Change, FullInventory, HoldersAnswer, HostEvent, HostFacts, HostInfo, HostName,
-    HostRecord, HostStatus, Link, ModeKind, Snapshot, SnapshotQuery, SnapshotsAnswer, Subject,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, FullInventory, HoldersAnswer,
+    HostEvent, HostFacts, HostInfo, HostName, HostRecord, HostStatus, Link, ModeKind, Snapshot,
+    SnapshotQuery, SnapshotsAnswer, Subject, TunnelKind,
 };
 pub use modes::{
     spawn_expiry, Central, Directory, ModeConfig, OnlineQuery, PullConfig, PullReport, Puller,
