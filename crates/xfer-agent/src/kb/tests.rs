@@ -104,6 +104,7 @@ async fn cluster_with(
         policy: Default::default(),
         snapshots: None,
         source_shares: false,
+        bindings_full_secs: None,
     };
     let mut out = Vec::new();
     for (i, ((front, _), (l, _))) in ls.into_iter().zip(backs).enumerate() {
@@ -330,4 +331,140 @@ fn config_is_checked() {
     let wrong_tuning = r#"{"mode": "online_query", "hosts": {}, "tuning": {"mode": "central_pull", "period": {"secs": 1, "nanos": 0}, "timeout": {"secs": 1, "nanos": 0}, "concurrency": 1, "drop_after": 1}}"#;
     let c: KbConfig = serde_json::from_str(wrong_tuning).expect("parses");
     assert!(c.check().is_err());
+}
+
+fn record(home: [u8; 4], ha: &str, care_of: [u8; 4], seq: u16) -> xfer_kb::BindingRecord {
+    let now = xfer_kb::SystemClock::new();
+    let now = xfer_kb::Clock::now(&now);
+    xfer_kb::BindingRecord {
+        home: home.into(),
+        home_agent: ha.into(),
+        home_agent_address: [127, 0, 0, 1].into(),
+        care_of: care_of.into(),
+        tunnel: xfer_kb::TunnelKind::Vxlan,
+        reverse_tunnel: false,
+        seq,
+        lifetime_secs: 60,
+        expires_at: now.add_secs(60),
+        updated_at: now,
+    }
+}
+
+/// Central push: a home agent (h2) publishes to the knowledge base (h1) over gRPC;
+/// puts, a stale put, a remove and a full update land in h1's store; h1's own
+/// bindings go straight into it; a query and the recovery of h2's bindings answer
+/// from it; a host that is not the knowledge base keeps none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_reach_the_kb_and_are_recovered_from_it() {
+    use super::bindings::{recover, Place};
+    use super::wire::BindingOp;
+    use xfer_kb::{BindingPut, BindingQuery};
+    let (hosts, cfg) = cluster(3, ModeKind::CentralPush).await;
+    let now = || xfer_kb::Clock::now(&xfer_kb::SystemClock::new());
+    let places = kb(&hosts[1]).binding_places().to_vec();
+    assert_eq!(places.len(), 1);
+    assert_eq!(places[0].name(), "h1");
+    let put = |b| BindingOp::Put(b);
+    let p = &places[0];
+    assert_eq!(
+        p.change(&put(record([10, 77, 0, 1], "h2", [10, 0, 0, 3], 5)), now())
+            .await
+            .expect("put"),
+        Ok(BindingPut::Stored)
+    );
+    assert_eq!(
+        p.change(&put(record([10, 77, 0, 1], "h2", [10, 0, 0, 9], 4)), now())
+            .await
+            .expect("put"),
+        Ok(BindingPut::Stale { stored: 5 })
+    );
+    p.change(&put(record([10, 77, 0, 2], "h2", [10, 0, 0, 3], 1)), now())
+        .await
+        .expect("put")
+        .expect("stored");
+    assert_eq!(
+        p.change(
+            &BindingOp::Remove(record([10, 77, 0, 2], "h2", [10, 0, 0, 3], 2)),
+            now()
+        )
+        .await
+        .expect("remove"),
+        Err(true)
+    );
+    // The knowledge base host publishes into its own store.
+    let own = kb(&hosts[0]).binding_places().to_vec();
+    assert!(matches!(own[0], Place::Local(_)));
+    own[0]
+        .change(&put(record([10, 77, 0, 9], "h1", [10, 0, 0, 2], 1)), now())
+        .await
+        .expect("put")
+        .expect("stored");
+    let all = p.query(&BindingQuery::All, now()).await.expect("query");
+    let homes: Vec<String> = all.iter().map(|b| b.home.to_string()).collect();
+    assert_eq!(homes, ["10.77.0.1", "10.77.0.9"]);
+    assert_eq!(all[0].care_of, std::net::Ipv4Addr::new(10, 0, 0, 3));
+    // Recovery asks for h2's own.
+    let got = recover(&places, "h2", now()).await.expect("recover");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 5);
+    // A full update replaces h2's set.
+    p.replace(
+        "h2",
+        &[record([10, 77, 0, 3], "h2", [10, 0, 0, 4], 8)],
+        now(),
+    )
+    .await
+    .expect("replace");
+    let got = recover(&places, "h2", now()).await.expect("recover");
+    let homes: Vec<String> = got.iter().map(|b| b.home.to_string()).collect();
+    assert_eq!(homes, ["10.77.0.3"]);
+    // h3 is not the knowledge base: it keeps no bindings and says so.
+    let e = crate::client::Client::kb_bindings(&cfg.hosts["h3"], None, &BindingQuery::All)
+        .await
+        .expect_err("h3 keeps none");
+    assert!(format!("{e:?}").contains("keeps no bindings"), "{e:?}");
+    // A knowledge base that does not answer: recovery fails (so the home agent
+    // retries instead of publishing an empty set), publishing fails fast.
+    hosts[0].proxy.kill();
+    drop(hosts);
+    let t = std::time::Instant::now();
+    assert!(recover(&places, "h2", now()).await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+/// Modes c-e: every host keeps its neighbours' bindings; a home agent publishes to
+/// each neighbour and recovers from whichever answers (the newest wins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_central_store_neighbours_keep_the_bindings() {
+    use super::bindings::recover;
+    use super::wire::BindingOp;
+    let (hosts, _cfg) = cluster(3, ModeKind::OnlineQuery).await;
+    let now = || xfer_kb::Clock::now(&xfer_kb::SystemClock::new());
+    let places = kb(&hosts[0]).binding_places().to_vec();
+    let names: Vec<&str> = places.iter().map(|p| p.name()).collect();
+    assert_eq!(names, ["h2", "h3"]);
+    // h3 missed the refresh to seq 6.
+    places[0]
+        .change(
+            &BindingOp::Put(record([10, 77, 0, 1], "h1", [10, 0, 0, 2], 6)),
+            now(),
+        )
+        .await
+        .expect("put")
+        .expect("stored");
+    places[1]
+        .change(
+            &BindingOp::Put(record([10, 77, 0, 1], "h1", [10, 0, 0, 2], 5)),
+            now(),
+        )
+        .await
+        .expect("put")
+        .expect("stored");
+    let got = recover(&places, "h1", now()).await.expect("recover");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 6);
+    // One neighbour down: the other still answers.
+    hosts[1].proxy.kill();
+    let got = recover(&places, "h1", now()).await.expect("recover");
+    assert_eq!(got.len(), 1);
 }
