@@ -2,7 +2,8 @@
 //! routed migration h1 -> h2 the knowledge base (h3, central push) lists the binding
 //! (home agent h1, care-of h2); a home agent restarted without its binding cache file
 //! recovers the binding from the knowledge base, so a client's traffic to the home
-//! address still reaches the container at h2 and h2's refreshes are accepted; when
+//! address still reaches the container at h2 and h2's refreshes are accepted (also
+//! when the file is there but unreadable); when
 //! the container is removed the binding leaves the knowledge base.
 
 use std::net::Ipv4Addr;
@@ -207,6 +208,26 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
         },
     )
     .await;
+    assert_eq!(redis(&lab, home, &["GET", "after"]), "1");
+
+    // Again with an unreadable file: moved aside, the binding recovered again.
+    std::fs::write(&state, b"{not json").expect("corrupt the binding cache file");
+    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
+    xfer_lab::restart_agent(&mut lab.lab, "h1")
+        .await
+        .unwrap_or_else(|e| panic!("restart h1: {}", chain(&e)));
+    std::env::remove_var("XFER_KB_CONFIG");
+    assert_eq!(
+        log_count(&lab, "h1", "binding recovered from the knowledge base"),
+        recovered_before + 2,
+        "h1 did not recover the binding after finding its file unreadable"
+    );
+    assert!(state.with_extension("json.unreadable").exists());
+    assert_eq!(
+        ha_binding(&lab, "h1", home).await.map(|(c, _)| c),
+        Some(h2_addr.to_string())
+    );
+    lab.wait_redis(&home.to_string()).await;
     assert_eq!(redis(&lab, home, &["GET", "after"]), "1");
 
     // The container is removed at h2: deregistered, and gone from the knowledge base.
