@@ -74,19 +74,77 @@ fn log_count(lab: &TestLab, host: &str, needle: &str) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
-    // Refreshes every 24 s (80% of 30 s): long enough for a restart, short enough to
-    // see one accepted by the recovered home agent.
-    let mut lab = TestLab::up_with(
-        "kb",
+/// Refreshes every 24 s (80% of 30 s): long enough for a restart, short enough to
+/// see one accepted by the recovered home agent.
+async fn lab(prefix: &str) -> TestLab {
+    TestLab::up_with(
+        prefix,
         3,
         HandoverSpec {
             binding_lifetime_secs: 30,
             ..HandoverSpec::default()
         },
     )
-    .await;
+    .await
+}
+
+/// The knowledge base's embedded store (h3's memory, `kb.bin`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
+    let mut lab = lab("kb").await;
+    scenario(&mut lab, serde_json::json!({})).await;
+}
+
+/// The same with the knowledge base storing into etcd (an etcd-server the test
+/// starts on the lab's bridge address; the test FAILS if `etcd` is missing): the
+/// binding's key is in etcd under a lease no longer than the binding's lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_agent_recovers_its_binding_from_etcd() {
+    let mut lab = lab("ke").await;
+    assert!(
+        xfer_kb::etcd_server::etcd_binary().is_some(),
+        "the `etcd` binary is missing: this test needs etcd-server (`cargo xtask setup`)"
+    );
+    let etcd = xfer_kb::etcd_server::EtcdServer::start_on(lab.lab.gateway)
+        .await
+        .unwrap_or_else(|e| panic!("etcd-server: {}", chain(&e)));
+    let url = etcd.url().to_string();
+    let extra = serde_json::json!({"store": "etcd", "etcd": [url.clone()]});
+    let check = move |home: Ipv4Addr| {
+        let url = url.clone();
+        async move {
+            let mut c = etcd_client::Client::connect([url], None)
+                .await
+                .expect("connect to etcd");
+            let key = format!("/xfer/kb/bind/{home}");
+            let r = c.get(key.as_str(), None).await.expect("get");
+            let kv = r
+                .kvs()
+                .first()
+                .unwrap_or_else(|| panic!("{key} not in etcd"));
+            let ttl = c
+                .lease_time_to_live(kv.lease(), None)
+                .await
+                .expect("lease ttl")
+                .ttl();
+            assert!((1..=30).contains(&ttl), "lease TTL {ttl} s");
+        }
+    };
+    scenario_checked(&mut lab, extra, Some(&check)).await;
+    drop(etcd);
+}
+
+async fn scenario(lab: &mut TestLab, extra: serde_json::Value) {
+    scenario_checked::<std::future::Ready<()>>(lab, extra, None).await;
+}
+
+/// h3 is the knowledge base (central push, `extra` merged into the configuration);
+/// `in_store` checks the store itself once the binding is listed.
+async fn scenario_checked<F: std::future::Future<Output = ()>>(
+    lab: &mut TestLab,
+    extra: serde_json::Value,
+    in_store: Option<&dyn Fn(Ipv4Addr) -> F>,
+) {
     let hosts = ["h1", "h2", "h3"];
     let endpoints: serde_json::Map<String, serde_json::Value> = hosts
         .iter()
@@ -95,9 +153,12 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
             (h.to_string(), serde_json::Value::String(ep))
         })
         .collect();
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "mode": "central_push", "kb": "h3", "hosts": endpoints, "bindings_full_secs": 5,
     });
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
     let cfg_dir = tempfile::tempdir().expect("tempdir");
     let cfg_path = cfg_dir.path().join("kb.json");
     std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
@@ -110,9 +171,9 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
 
     let home = lab.start_routed_redis("h1", "redis", 1, false).await;
     lab.import("h2", "redis").await;
-    assert_eq!(redis(&lab, home, &["SET", "before", "kept"]), "OK");
+    assert_eq!(redis(&*lab, home, &["SET", "before", "kept"]), "OK");
     assert!(
-        kb_bindings(&lab, "h3", home).await.is_empty(),
+        kb_bindings(&*lab, "h3", home).await.is_empty(),
         "no binding while the container is at home"
     );
     let h1_addr = lab.lab.host("h1").expect("host").address;
@@ -128,13 +189,16 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
     let b = until(
         "the binding in the knowledge base",
         Duration::from_secs(10),
-        || async { kb_bindings(&lab, "h3", home).await.into_iter().next() },
+        || async { kb_bindings(&*lab, "h3", home).await.into_iter().next() },
     )
     .await;
     assert_eq!(b.home_agent, "h1");
     assert_eq!(b.home_agent_address, h1_addr);
     assert_eq!(b.care_of, h2_addr);
     assert_eq!(b.lifetime_secs, 30);
+    if let Some(check) = in_store {
+        check(home).await;
+    }
     // And `xfer kb-bindings` shows it.
     let out = std::process::Command::new(xferd_path().with_file_name("xfer"))
         .args([
@@ -166,32 +230,32 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
         .work_dir()
         .join("bindings.json");
     assert!(state.exists(), "{} is missing", state.display());
-    let recovered_before = log_count(&lab, "h1", "binding recovered from the knowledge base");
+    let recovered_before = log_count(&*lab, "h1", "binding recovered from the knowledge base");
     std::fs::remove_file(&state).expect("delete the binding cache file");
     xfer_lab::restart_agent(&mut lab.lab, "h1")
         .await
         .unwrap_or_else(|e| panic!("restart h1: {}", chain(&e)));
     std::env::remove_var("XFER_KB_CONFIG");
     assert_eq!(
-        log_count(&lab, "h1", "binding recovered from the knowledge base"),
+        log_count(&*lab, "h1", "binding recovered from the knowledge base"),
         recovered_before + 1,
         "h1 did not recover the binding from the knowledge base"
     );
-    let (care_of, seq) = ha_binding(&lab, "h1", home)
+    let (care_of, seq) = ha_binding(&*lab, "h1", home)
         .await
         .expect("the restarted home agent holds the binding");
     assert_eq!(care_of, h2_addr.to_string());
     // A client's traffic to the home address reaches the container at h2.
     lab.wait_redis(&home.to_string()).await;
-    assert_eq!(redis(&lab, home, &["GET", "before"]), "kept");
-    assert_eq!(redis(&lab, home, &["SET", "after", "1"]), "OK");
+    assert_eq!(redis(&*lab, home, &["GET", "before"]), "kept");
+    assert_eq!(redis(&*lab, home, &["SET", "after", "1"]), "OK");
     // h2's next refresh is accepted by the recovered home agent (not refused as an
     // unknown home), and the knowledge base follows it.
     let refreshed = until(
         "a refresh accepted by h1",
         Duration::from_secs(40),
         || async {
-            ha_binding(&lab, "h1", home)
+            ha_binding(&*lab, "h1", home)
                 .await
                 .filter(|(_, s)| *s != seq)
         },
@@ -201,14 +265,14 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
         "the refresh in the knowledge base",
         Duration::from_secs(10),
         || async {
-            kb_bindings(&lab, "h3", home)
+            kb_bindings(&*lab, "h3", home)
                 .await
                 .into_iter()
                 .find(|b| u32::from(b.seq) == refreshed.1)
         },
     )
     .await;
-    assert_eq!(redis(&lab, home, &["GET", "after"]), "1");
+    assert_eq!(redis(&*lab, home, &["GET", "after"]), "1");
 
     // Again with an unreadable file: moved aside, the binding recovered again.
     std::fs::write(&state, b"{not json").expect("corrupt the binding cache file");
@@ -218,17 +282,17 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
         .unwrap_or_else(|e| panic!("restart h1: {}", chain(&e)));
     std::env::remove_var("XFER_KB_CONFIG");
     assert_eq!(
-        log_count(&lab, "h1", "binding recovered from the knowledge base"),
+        log_count(&*lab, "h1", "binding recovered from the knowledge base"),
         recovered_before + 2,
         "h1 did not recover the binding after finding its file unreadable"
     );
     assert!(state.with_extension("json.unreadable").exists());
     assert_eq!(
-        ha_binding(&lab, "h1", home).await.map(|(c, _)| c),
+        ha_binding(&*lab, "h1", home).await.map(|(c, _)| c),
         Some(h2_addr.to_string())
     );
     lab.wait_redis(&home.to_string()).await;
-    assert_eq!(redis(&lab, home, &["GET", "after"]), "1");
+    assert_eq!(redis(&*lab, home, &["GET", "after"]), "1");
 
     // The container is removed at h2: deregistered, and gone from the knowledge base.
     lab.agent("h2")
@@ -239,8 +303,13 @@ async fn the_home_agent_recovers_its_binding_from_the_knowledge_base() {
     until(
         "the binding gone from the knowledge base",
         Duration::from_secs(10),
-        || async { kb_bindings(&lab, "h3", home).await.is_empty().then_some(()) },
+        || async {
+            kb_bindings(&*lab, "h3", home)
+                .await
+                .is_empty()
+                .then_some(())
+        },
     )
     .await;
-    assert!(ha_binding(&lab, "h1", home).await.is_none());
+    assert!(ha_binding(&*lab, "h1", home).await.is_none());
 }

@@ -494,7 +494,10 @@ impl Kb {
             clock: self.clock.clone(),
             full_period: self.bindings_full,
         };
-        if mob.needs_recovery() && !self.binding_places.is_empty() {
+        if self.binding_places.is_empty() {
+            // Nowhere to recover from (modes c-e without neighbours): done.
+            mob.restore(Vec::new()).await;
+        } else if mob.needs_recovery() {
             publisher.try_recover(mob).await;
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
