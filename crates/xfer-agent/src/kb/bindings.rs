@@ -288,24 +288,51 @@ pub async fn recover(
     Ok(best.into_values().collect())
 }
 
+/// What the publisher needs of a home agent ([`Mobility`]; a fake in tests).
+#[async_trait::async_trait]
+pub trait HomeBindings: Send + Sync {
+    /// Whether its cache file was lost and the bindings are not recovered yet.
+    fn needs_recovery(&self) -> bool;
+    /// Its live bindings.
+    async fn home_bindings(&self) -> Vec<xfer_mobility::Binding>;
+    /// Installs recovered bindings (marks the recovery done); how many were new.
+    async fn restore(&self, bindings: Vec<xfer_mobility::Binding>) -> usize;
+}
+
+#[async_trait::async_trait]
+impl HomeBindings for Mobility {
+    fn needs_recovery(&self) -> bool {
+        Mobility::needs_recovery(self)
+    }
+    async fn home_bindings(&self) -> Vec<xfer_mobility::Binding> {
+        Mobility::home_bindings(self).await
+    }
+    async fn restore(&self, bindings: Vec<xfer_mobility::Binding>) -> usize {
+        Mobility::restore(self, bindings).await
+    }
+}
+
 /// Carries a home agent's binding changes to its places (see the module docs).
 #[derive(Debug)]
 pub struct Publisher {
     pub me: HomeAgent,
     pub places: Vec<Place>,
     pub clock: Arc<dyn Clock>,
+    /// Between full updates.
     pub full_period: Duration,
+    /// Before a failed full update or recovery is tried again ([`RETRY`]).
+    pub retry: Duration,
 }
 
 impl Publisher {
     /// Recovers `mob`'s bindings if its cache file was lost, then runs until `mob`'s
     /// queue closes.
-    pub async fn run(self, mob: Mobility, mut rx: mpsc::UnboundedReceiver<Published>) {
+    pub async fn run(self, mob: Arc<dyn HomeBindings>, mut rx: mpsc::UnboundedReceiver<Published>) {
         if self.places.is_empty() {
             debug!("no place keeps bindings: not publishing");
             return;
         }
-        self.try_recover(&mob).await;
+        self.try_recover(&*mob).await;
         // A place that failed is skipped until a full update reaches it again.
         let mut down = vec![false; self.places.len()];
         let mut next_full = Instant::now();
@@ -329,14 +356,14 @@ impl Publisher {
                             Err(e) => {
                                 warn!(place = place.name(), error = %e, "publishing a binding change failed: repaired by the next full update");
                                 down[i] = true;
-                                next_full = next_full.min(Instant::now() + RETRY);
+                                next_full = next_full.min(Instant::now() + self.retry);
                             }
                         }
                     }
                 }
                 _ = tokio::time::sleep_until(next_full) => {
-                    if mob.needs_recovery() && !self.try_recover(&mob).await {
-                        next_full = Instant::now() + RETRY;
+                    if mob.needs_recovery() && !self.try_recover(&*mob).await {
+                        next_full = Instant::now() + self.retry;
                         continue;
                     }
                     let now = self.clock.now();
@@ -356,7 +383,11 @@ impl Publisher {
                             }
                         }
                     }
-                    let wait = if down.iter().any(|d| *d) { RETRY } else { self.full_period };
+                    let wait = if down.iter().any(|d| *d) {
+                        self.retry
+                    } else {
+                        self.full_period
+                    };
                     next_full = Instant::now() + wait;
                 }
             }
@@ -365,7 +396,7 @@ impl Publisher {
 
     /// Recovers the bindings from the places if `mob` lost its cache file; true when
     /// nothing (more) is to be recovered.
-    pub async fn try_recover(&self, mob: &Mobility) -> bool {
+    pub async fn try_recover(&self, mob: &dyn HomeBindings) -> bool {
         if !mob.needs_recovery() {
             return true;
         }

@@ -493,6 +493,7 @@ impl Kb {
             places: self.binding_places.clone(),
             clock: self.clock.clone(),
             full_period: self.bindings_full,
+            retry: bindings::RETRY,
         };
         if self.binding_places.is_empty() {
             // Nowhere to recover from (modes c-e without neighbours): done.
@@ -502,7 +503,7 @@ impl Kb {
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         mob.publish_to(tx);
-        let task = tokio::spawn(publisher.run(mob.clone(), rx));
+        let task = tokio::spawn(publisher.run(Arc::new(mob.clone()), rx));
         if let Some(old) = self
             .publisher
             .lock()
