@@ -202,6 +202,26 @@ impl Client {
         Ok(r.into_inner())
     }
 
+    /// The home agents' bindings kept by the agent at `endpoint` (the knowledge base
+    /// host in the central modes; in modes c-e every host keeps its neighbours'),
+    /// with that agent's clock (for "expires in").
+    pub async fn kb_bindings(
+        endpoint: &str,
+        tls: Option<&crate::tls::TlsFiles>,
+        query: &xfer_kb::BindingQuery,
+    ) -> Result<(xfer_kb::Timestamp, Vec<xfer_kb::BindingRecord>), AgentError> {
+        let ch = crate::kb::client::lazy_channel(endpoint, tls)?;
+        let r = crate::kb::client::kb_client(ch)
+            .bindings(crate::kb::wire::bindings_query_to(query))
+            .await
+            .map_err(|status| AgentError::Remote { status })?
+            .into_inner();
+        Ok((
+            xfer_kb::Timestamp::from_millis(r.at_millis),
+            crate::kb::wire::bindings_from(&r)?,
+        ))
+    }
+
     /// Lists the node's containers.
     pub async fn list(&mut self) -> Result<Vec<ContainerInfo>, AgentError> {
         let r = self

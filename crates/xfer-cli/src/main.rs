@@ -100,6 +100,23 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// The home agents' bindings as the knowledge base holds them (home address, home
+    /// agent, care-of address, tunnel kind, sequence number, expires in).
+    KbBindings {
+        /// The host to ask (lab name or endpoint): the knowledge base host in the
+        /// central modes; in modes c-e any neighbour of the home agent.
+        #[arg(long)]
+        on: String,
+        /// Only the bindings of this home agent (host name).
+        #[arg(long, conflicts_with = "home")]
+        home_agent: Option<String>,
+        /// Only the binding of this home address.
+        #[arg(long)]
+        home: Option<std::net::Ipv4Addr>,
+        /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Route optimisation: route the home agent's home addresses straight to their
     /// care-of hosts, so this client's traffic stops crossing the home agent.
     Rebind {
@@ -472,6 +489,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ev.tunnel,
                     ev.tunnel_kind
                 );
+            }
+            Ok(())
+        }
+        Cmd::KbBindings {
+            on,
+            home_agent,
+            home,
+            json,
+        } => {
+            let t = target(&g, &on)?;
+            let q = match (home_agent, home) {
+                (Some(a), _) => xfer_kb::BindingQuery::HomeAgent(a),
+                (None, Some(h)) => xfer_kb::BindingQuery::Home(h),
+                (None, None) => xfer_kb::BindingQuery::All,
+            };
+            let (at, list) = Client::kb_bindings(&t.endpoint, t.tls.as_ref(), &q)
+                .await
+                .with_context(|| format!("ask {on} ({}) for bindings", t.endpoint))?;
+            if !json {
+                println!(
+                    "{:<16} {:<12} {:<16} {:<6} {:>5} EXPIRES-IN",
+                    "HOME", "HOME-AGENT", "CARE-OF", "KIND", "SEQ"
+                );
+            }
+            for b in list {
+                let expires = b.remaining_secs(at);
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "home": b.home.to_string(),
+                            "home_agent": b.home_agent,
+                            "home_agent_address": b.home_agent_address.to_string(),
+                            "care_of": b.care_of.to_string(),
+                            "kind": b.tunnel.as_str(),
+                            "reverse_tunnel": b.reverse_tunnel,
+                            "seq": b.seq,
+                            "lifetime_secs": b.lifetime_secs,
+                            "expires_in_secs": expires,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{:<16} {:<12} {:<16} {:<6} {:>5} {}s",
+                        b.home.to_string(),
+                        b.home_agent,
+                        b.care_of.to_string(),
+                        b.tunnel.as_str(),
+                        b.seq,
+                        expires
+                    );
+                }
             }
             Ok(())
         }

@@ -58,6 +58,9 @@ pub enum KbError {
     /// Another writer changed a host's sequence number between our read and write.
     #[error("concurrent update of host {host} (sequence {expected} changed)")]
     ApplyConflict { host: String, expected: u64 },
+    /// Other writers kept changing a binding's key between our read and our write.
+    #[error("concurrent updates of the binding of {home}: gave up")]
+    BindingConflict { home: std::net::Ipv4Addr },
     /// A host could not be reached through the transport.
     #[error("reaching host {host}: {what}")]
     Reach { host: String, what: String },

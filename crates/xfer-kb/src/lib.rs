@@ -5,7 +5,8 @@
 //! from neighbours instead of the source.
 //!
 //! * [`model`]: holdings, snapshots, host load and links, change events with
-//!   per-host sequence numbers, full inventories, answers with their freshness.
+//!   per-host sequence numbers, full inventories, answers with their freshness; the
+//!   home agents' bindings ([`BindingRecord`]), which every store keeps too.
 //! * [`index`]: the compact in-memory index (digest -> holders), 1000 hosts and 10M
 //!   entries in a few hundred MB (see the `scale` example).
 //! * [`store`]: the [`KbStore`] trait, with [`EmbeddedStore`] (in memory, persisted)
@@ -46,8 +47,9 @@ pub use error::KbError;
 pub use index::Index;
 pub use inventory::{Inventory, MemInventory, StoreInventory};
 pub use model::{
-    Applied, Change, FullInventory, HoldersAnswer, HostEvent, HostFacts, HostInfo, HostName,
-    HostRecord, HostStatus, Link, ModeKind, Snapshot, SnapshotQuery, SnapshotsAnswer, Subject,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, FullInventory, HoldersAnswer,
+    HostEvent, HostFacts, HostInfo, HostName, HostRecord, HostStatus, Link, ModeKind, Snapshot,
+    SnapshotQuery, SnapshotsAnswer, Subject, TunnelKind,
 };
 pub use modes::{
     spawn_expiry, Central, Directory, ModeConfig, OnlineQuery, PullConfig, PullReport, Puller,

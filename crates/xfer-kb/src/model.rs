@@ -1,8 +1,9 @@
 //! What the knowledge base knows: holdings (host -> chunk and object digests),
 //! snapshots, each host's load and links, and the events and full inventories
-//! through which hosts report them.
+//! through which hosts report them; and the home agents' bindings.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -298,4 +299,100 @@ pub struct SnapshotsAnswer {
     pub window: Duration,
     /// Matching snapshots, newest first, each with how current its host's record is.
     pub snapshots: Vec<(Snapshot, Timestamp)>,
+}
+
+/// The tunnel kind a home agent forwards a binding's traffic through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelKind {
+    Vxlan,
+    Ipip,
+    Gre,
+}
+
+impl TunnelKind {
+    /// The kind's name (`vxlan`, `ipip`, `gre`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelKind::Vxlan => "vxlan",
+            TunnelKind::Ipip => "ipip",
+            TunnelKind::Gre => "gre",
+        }
+    }
+}
+
+/// A home agent's binding as the knowledge base keeps it: one per home address
+/// (docs/handover.md, docs/knowledge-base.md "Bindings").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingRecord {
+    /// The container's home address (the record's key).
+    pub home: Ipv4Addr,
+    /// The host acting as home agent, by name.
+    pub home_agent: HostName,
+    /// The home agent's address (where care-of hosts send binding updates).
+    pub home_agent_address: Ipv4Addr,
+    /// Where the container runs now.
+    pub care_of: Ipv4Addr,
+    /// The tunnel the home agent forwards through.
+    pub tunnel: TunnelKind,
+    /// Whether the care-of host asked for a reverse tunnel.
+    pub reverse_tunnel: bool,
+    /// Sequence number of the binding update that installed or last refreshed it
+    /// (compared modulo 2^16, RFC 1982).
+    pub seq: u16,
+    /// The granted lifetime, seconds.
+    pub lifetime_secs: u32,
+    /// When the binding ends unless refreshed.
+    pub expires_at: Timestamp,
+    /// When the home agent last accepted an update of it.
+    pub updated_at: Timestamp,
+}
+
+impl BindingRecord {
+    /// Whether the binding is still live at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        now < self.expires_at
+    }
+
+    /// Whole seconds of lifetime left at `now`, rounded up (0 once expired).
+    pub fn remaining_secs(&self, now: Timestamp) -> u64 {
+        self.expires_at
+            .as_millis()
+            .saturating_sub(now.as_millis())
+            .div_ceil(1000)
+    }
+}
+
+/// Which bindings a query wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BindingQuery {
+    /// Every binding.
+    All,
+    /// The binding of one home address.
+    Home(Ipv4Addr),
+    /// The bindings of one home agent (by host name).
+    HomeAgent(HostName),
+}
+
+impl BindingQuery {
+    /// Whether `b` answers this query.
+    pub fn matches(&self, b: &BindingRecord) -> bool {
+        match self {
+            BindingQuery::All => true,
+            BindingQuery::Home(h) => b.home == *h,
+            BindingQuery::HomeAgent(a) => b.home_agent == *a,
+        }
+    }
+}
+
+/// What a binding put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BindingPut {
+    /// Stored (new, refreshed or moved).
+    Stored,
+    /// The store holds a newer update of this home address (sequence `stored`):
+    /// nothing changed.
+    Stale { stored: u16 },
+    /// The binding had already expired: nothing stored.
+    Expired,
 }

@@ -44,6 +44,95 @@ async fn etcd_store_contract() {
     store_contract(&*store).await;
 }
 
+#[tokio::test]
+async fn etcd_store_binding_contract() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store("/t/bind", Duration::from_secs(60)).await;
+    let now = SystemClock::new().now().as_millis() / 1000;
+    binding_contract(&*store, now).await;
+}
+
+/// A binding's key lives under a lease of its remaining lifetime: it vanishes from
+/// etcd by itself (nobody calls `expire`), while a refreshed one stays; concurrent
+/// puts of one home address never let an older sequence number win.
+#[tokio::test]
+async fn etcd_bindings_expire_by_lease_and_stale_puts_never_win() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store("/t/bindlease", Duration::from_secs(60)).await;
+    let now_s = || SystemClock::new().now().as_millis() / 1000;
+    let t0 = now_s();
+    let short = binding([10, 77, 0, 1], "h1", [10, 0, 0, 2], 1, t0, 2);
+    let long = binding([10, 77, 0, 2], "h1", [10, 0, 0, 3], 1, t0, 120);
+    let now = SystemClock::new().now();
+    assert_eq!(
+        store.put_binding(&short, now).await.expect("put"),
+        xfer_kb::BindingPut::Stored
+    );
+    assert_eq!(
+        store.put_binding(&long, now).await.expect("put"),
+        xfer_kb::BindingPut::Stored
+    );
+    // Look at etcd's keys directly (no expiry filter of ours in between).
+    let keys = || async {
+        let mut c = etcd_client::Client::connect([etcd.0.url()], None)
+            .await
+            .expect("connect");
+        let r = c
+            .get(
+                "/t/bindlease/bind/",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .expect("get");
+        let mut k: Vec<String> = r
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().expect("utf-8").to_owned())
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys().await.len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys().await.len() == 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the 2 s binding's key is still in etcd after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        keys().await,
+        vec!["/t/bindlease/bind/10.77.0.2".to_string()]
+    );
+    // Concurrent writers: every put of seq 2..=40 races; the stored number ends at
+    // the newest, never an older one.
+    let puts = (2..=40u16).rev().map(|seq| {
+        let store = store.clone();
+        let b = binding([10, 77, 0, 2], "h1", [10, 0, 0, 3], seq, now_s(), 120);
+        async move {
+            store
+                .put_binding(&b, SystemClock::new().now())
+                .await
+                .expect("put")
+        }
+    });
+    futures::future::join_all(puts).await;
+    let got = store
+        .bindings(
+            &xfer_kb::BindingQuery::Home([10, 77, 0, 2].into()),
+            SystemClock::new().now(),
+        )
+        .await
+        .expect("q");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 40);
+}
+
 /// More digests than one transaction holds: batched writes, the lease swap of a
 /// full update deletes exactly what the new inventory dropped.
 #[tokio::test]

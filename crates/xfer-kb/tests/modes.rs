@@ -52,6 +52,43 @@ async fn embedded_store_contract() {
     store_contract(&EmbeddedStore::in_memory(None)).await;
 }
 
+#[tokio::test]
+async fn embedded_store_binding_contract() {
+    binding_contract(&EmbeddedStore::in_memory(None), 1_000_000).await;
+}
+
+/// Bindings survive a restart through the store's file, and `expire` drops the
+/// expired ones (with or without a host TTL).
+#[tokio::test]
+async fn embedded_store_persists_and_expires_bindings() {
+    let dir = tempfile::tempdir().expect("ok");
+    let path = dir.path().join("kb.bin");
+    let t = |s: u64| xfer_kb::Timestamp::from_secs(1_000 + s);
+    {
+        let s = EmbeddedStore::open(&path, None).expect("ok");
+        let b1 = binding([10, 77, 0, 1], "h1", [10, 0, 0, 2], 5, 1_000, 60);
+        let b2 = binding([10, 77, 0, 2], "h1", [10, 0, 0, 3], 6, 1_000, 10);
+        s.put_binding(&b1, t(0)).await.expect("put");
+        s.put_binding(&b2, t(0)).await.expect("put");
+        s.persist().expect("ok");
+    }
+    let s = EmbeddedStore::open(&path, None).expect("ok");
+    let all = s
+        .bindings(&xfer_kb::BindingQuery::All, t(0))
+        .await
+        .expect("q");
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].care_of, std::net::Ipv4Addr::new(10, 0, 0, 2));
+    assert!(s.expire(t(11)).await.expect("expire").is_empty());
+    // The 10 s binding is gone from the store itself, not only from answers.
+    let left = s
+        .bindings(&xfer_kb::BindingQuery::All, t(0))
+        .await
+        .expect("q");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].home, std::net::Ipv4Addr::new(10, 77, 0, 1));
+}
+
 #[tokio::test(start_paused = true)]
 async fn central_pull_answers_after_add_remove_evict() {
     run(ModeConfig::CentralPull(PullConfig::default())).await;

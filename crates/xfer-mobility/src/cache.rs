@@ -401,6 +401,37 @@ impl BindingCache {
         Some(binding)
     }
 
+    /// Install a binding learnt elsewhere (recovered from the cluster's
+    /// knowledge base after this home agent lost its cache file) and serve
+    /// its home address. Refused (false) when the binding has expired at
+    /// `now` or the cache already knows a sequence number for `home` that is
+    /// not older. The tag of the update that made the binding is unknown:
+    /// a byte-exact replay of it is then refused as stale instead of
+    /// acknowledged as replayed, which changes nothing either way.
+    pub fn restore(&mut self, binding: Binding, now: Timestamp) -> bool {
+        let home = binding.home_address;
+        if !binding.is_live(now)
+            || !usable_care_of(binding.care_of)
+            || self
+                .entries
+                .get(&home)
+                .is_some_and(|e| !serial::is_newer(binding.sequence, e.last_sequence))
+        {
+            return false;
+        }
+        self.homes.insert(home);
+        self.entries.insert(
+            home,
+            Entry {
+                last_sequence: binding.sequence,
+                last_mac: [0; MAC_LEN],
+                updated_at: binding.registered_at,
+                binding: Some(binding),
+            },
+        );
+        true
+    }
+
     /// The binding of `home`, even if its lifetime has run out but
     /// [`BindingCache::expire`] has not run yet.
     pub fn get(&self, home: Ipv4Addr) -> Option<&Binding> {
@@ -1069,5 +1100,39 @@ mod tests {
             .save(Path::new("/nonexistent-dir-xfer/b.json"))
             .expect_err("no dir");
         assert!(matches!(e, PersistError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn restore_installs_a_recovered_binding_once() {
+        let mut c = BindingCache::new(HomeAgentConfig::new(HA), ring());
+        let b = Binding {
+            home_address: HOME,
+            care_of: B,
+            sequence: 40,
+            lifetime_secs: 100,
+            registered_at: t(0),
+            expires_at: t(100),
+            reverse_tunnel: false,
+        };
+        // Expired, or an unusable care-of address: refused.
+        assert!(!c.restore(b.clone(), t(100)));
+        let unusable = Binding {
+            care_of: Ipv4Addr::UNSPECIFIED,
+            ..b.clone()
+        };
+        assert!(!c.restore(unusable, t(1)));
+        assert!(c.restore(b.clone(), t(1)));
+        assert!(c.serves(HOME));
+        assert_eq!(c.lookup(HOME, t(1)), Some(&b));
+        // Not older than what is there: refused.
+        assert!(!c.restore(b.clone(), t(2)));
+        // The care-of host's next refresh is accepted, an older update is stale.
+        assert_eq!(
+            send(&mut c, t(2), &bu(39, B, 100)).ack.status,
+            BindingStatus::StaleSequence
+        );
+        let d = send(&mut c, t(2), &bu(41, B, 100));
+        assert_eq!(d.ack.status, BindingStatus::Accepted);
+        assert!(matches!(d.change, Some(BindingChange::Refreshed(_))));
     }
 }

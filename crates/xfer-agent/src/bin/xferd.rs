@@ -157,6 +157,10 @@ async fn run() -> anyhow::Result<()> {
         }),
     };
     let mut cfg = cfg;
+    let kcfg = match &args.kb_config {
+        Some(path) => Some(xfer_agent::kb::KbConfig::load(path)?),
+        None => None,
+    };
     if let (Some(bridge), Some(netns)) = (&args.bridge, &args.netns) {
         let host_ns = netns
             .file_name()
@@ -194,6 +198,7 @@ async fn run() -> anyhow::Result<()> {
             state_path: args.work_dir.join("bindings.json"),
             tunnel_kind,
             underlay_mtu: args.underlay_mtu,
+            kb_recovery: kcfg.is_some(),
         })
         .await
         .context("start the handover")?;
@@ -205,6 +210,7 @@ async fn run() -> anyhow::Result<()> {
         _ => None,
     };
     let criu_config = cfg.host.criu_config.clone();
+    let mobility = cfg.mobility.clone();
     let node = Node::new(cfg).await.with_context(|| {
         format!(
             "start node {} on containerd {}",
@@ -218,10 +224,6 @@ async fn run() -> anyhow::Result<()> {
             .context("write the CRIU configuration")?;
         tracing::info!(options = ?extras, "CRIU configuration written");
     }
-    let kcfg = match &args.kb_config {
-        Some(path) => Some(xfer_agent::kb::KbConfig::load(path)?),
-        None => None,
-    };
     let node = match &kcfg {
         Some(kcfg) => {
             let kb = xfer_agent::kb::Kb::start(
@@ -280,6 +282,12 @@ async fn run() -> anyhow::Result<()> {
             node.clone(),
             std::time::Duration::from_secs(args.layer_index_period),
         );
+    }
+    // Bindings: the local file was loaded by the handover's start; if it was missing
+    // or unreadable they are recovered from the knowledge base now, before the
+    // routed containers re-register.
+    if let (Some(mob), Some(kb)) = (&mobility, node.kb()) {
+        kb.serve_bindings(mob).await;
     }
     node.resume_handover()
         .await

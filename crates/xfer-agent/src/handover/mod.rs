@@ -19,17 +19,23 @@
 //! migration whose clients could not follow is rolled back like any other failure.
 //! Clients learn bindings from [`Mobility::subscribe`] (the agent's `WatchBindings`
 //! stream) and rebind with a direct route (`xfer rebind`, [`crate::rebind`]).
+//!
+//! With a knowledge base, the home agent also publishes every change of its bindings
+//! ([`Mobility::publish_to`], [`Published`]; `crate::kb::bindings` carries them) and,
+//! when its cache file is missing or unreadable at start, recovers its bindings from
+//! the knowledge base ([`Mobility::restore`]): local file first, knowledge base second.
 
 pub mod plan;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::{broadcast, oneshot, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, Mutex};
 use tracing::{debug, info, warn};
 use xfer_mobility::{
     AckOutcome, BindingCache, BindingChange, BindingFlags, BindingRequest, BindingUpdateList,
@@ -75,6 +81,19 @@ pub struct MobilityConfig {
     pub tunnel_kind: Option<TunnelKind>,
     /// MTU of the network between hosts: tunnels get this less their encapsulation.
     pub underlay_mtu: u32,
+    /// A knowledge base keeps this home agent's bindings: an unreadable cache file is
+    /// moved aside (`.unreadable`) and the bindings recovered from the knowledge base
+    /// instead of refusing to start.
+    pub kb_recovery: bool,
+}
+
+/// A change of a binding this node holds as home agent, for the knowledge base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// Created, refreshed or moved.
+    Put(xfer_mobility::Binding),
+    /// Deregistered, expired, back home or retired; `seq`: the last sequence number.
+    Remove { home: Ipv4Addr, seq: u16 },
 }
 
 /// What happened to a binding, for watchers.
@@ -124,6 +143,10 @@ struct Inner {
     socket: UdpSocket,
     state: Mutex<State>,
     events: broadcast::Sender<Notice>,
+    /// The cache file was missing or unreadable at start, and no recovery from the
+    /// knowledge base succeeded yet.
+    needs_recovery: AtomicBool,
+    publish: std::sync::Mutex<Option<mpsc::UnboundedSender<Published>>>,
 }
 
 /// The handover of one node. Cheap to clone.
@@ -205,18 +228,30 @@ impl Mobility {
 
         let mut ha_cfg = HomeAgentConfig::new(cfg.address);
         ha_cfg.max_lifetime_secs = cfg.max_lifetime_secs;
-        let cache = if cfg.state_path.exists() {
-            let mut c = BindingCache::load(&cfg.state_path, cfg.keys.clone()).map_err(|e| {
-                AgentError::Refused(format!(
-                    "load the binding cache {}: {e}; move it away to start with none",
-                    cfg.state_path.display()
-                ))
-            })?;
-            c.set_config(ha_cfg);
-            c
+        let loaded = if cfg.state_path.exists() {
+            match BindingCache::load(&cfg.state_path, cfg.keys.clone()) {
+                Ok(mut c) => {
+                    c.set_config(ha_cfg.clone());
+                    Some(c)
+                }
+                Err(e) if cfg.kb_recovery => {
+                    let aside = cfg.state_path.with_extension("json.unreadable");
+                    warn!(error = %e, moved_to = %aside.display(), "the binding cache file is unreadable: recovering the bindings from the knowledge base");
+                    let _ = std::fs::rename(&cfg.state_path, &aside);
+                    None
+                }
+                Err(e) => {
+                    return Err(AgentError::Refused(format!(
+                        "load the binding cache {}: {e}; move it away to start with none",
+                        cfg.state_path.display()
+                    )))
+                }
+            }
         } else {
-            BindingCache::new(ha_cfg, cfg.keys.clone())
+            None
         };
+        let needs_recovery = loaded.is_none() && cfg.kb_recovery;
+        let cache = loaded.unwrap_or_else(|| BindingCache::new(ha_cfg, cfg.keys.clone()));
         let bul_cfg = BulConfig {
             initial_timeout: Duration::from_millis(250),
             max_timeout: Duration::from_secs(8),
@@ -251,25 +286,15 @@ impl Mobility {
                 socket,
                 state: Mutex::new(state),
                 events,
+                needs_recovery: AtomicBool::new(needs_recovery),
+                publish: std::sync::Mutex::new(None),
             }),
         };
         // Re-create the forwarding of the bindings that survived a restart.
         {
             let mut st = m.inner.state.lock().await;
-            let now = m.inner.clock.now();
-            let live: Vec<_> = st
-                .cache
-                .iter()
-                .filter(|b| b.is_live(now))
-                .cloned()
-                .collect();
-            for b in live {
-                let local = st.local.clone();
-                let actions = st.tunnels.on_change(&BindingChange::Created(b), &local);
-                if let Err(e) = m.apply(&actions).await {
-                    warn!(error = %e, "re-creating a persisted binding's tunnel failed");
-                }
-            }
+            let live: Vec<_> = st.cache.iter().cloned().collect();
+            m.forward(&mut st, live).await;
         }
         info!(
             address = %m.inner.cfg.address,
@@ -282,6 +307,80 @@ impl Mobility {
         let tick = m.clone();
         tokio::spawn(async move { tick.timer_loop().await });
         Ok(m)
+    }
+
+    /// Re-creates the tunnels and routes of `bindings` (those live now) as if they
+    /// had just been created: after a restart, from the cache file or the knowledge
+    /// base.
+    async fn forward(&self, st: &mut State, bindings: Vec<xfer_mobility::Binding>) {
+        let now = self.inner.clock.now();
+        for b in bindings.into_iter().filter(|b| b.is_live(now)) {
+            let local = st.local.clone();
+            let actions = st.tunnels.on_change(&BindingChange::Created(b), &local);
+            if let Err(e) = self.apply(&actions).await {
+                warn!(error = %e, "re-creating a persisted binding's tunnel failed");
+            }
+        }
+    }
+
+    /// Whether the binding cache file was missing or unreadable at start and the
+    /// bindings have not been recovered from the knowledge base yet.
+    pub fn needs_recovery(&self) -> bool {
+        self.inner.needs_recovery.load(Ordering::SeqCst)
+    }
+
+    /// Installs bindings recovered from the knowledge base (where this node is the
+    /// home agent; see [`BindingCache::restore`]), re-creates their tunnels and routes
+    /// and saves the cache. Returns how many were installed; marks the recovery done.
+    pub async fn restore(&self, bindings: Vec<xfer_mobility::Binding>) -> usize {
+        let now = self.inner.clock.now();
+        let mut st = self.inner.state.lock().await;
+        let mut installed = Vec::new();
+        for b in bindings {
+            let home = b.home_address;
+            if st.cache.restore(b.clone(), now) {
+                info!(%home, care_of = %b.care_of, seq = b.sequence, "binding recovered from the knowledge base");
+                installed.push(b);
+            } else {
+                debug!(%home, "recovered binding not installed (expired, or the cache knows a newer one)");
+            }
+        }
+        let n = installed.len();
+        for b in &installed {
+            self.notify(notice(NoticeKind::Created, b, None));
+        }
+        self.forward(&mut st, installed).await;
+        if let Err(e) = self.persist(&st) {
+            warn!(error = %e, "saving the recovered binding cache failed");
+        }
+        self.inner.needs_recovery.store(false, Ordering::SeqCst);
+        n
+    }
+
+    /// The bindings this node holds as home agent, live now.
+    pub async fn home_bindings(&self) -> Vec<xfer_mobility::Binding> {
+        let now = self.inner.clock.now();
+        let st = self.inner.state.lock().await;
+        st.cache
+            .iter()
+            .filter(|b| b.is_live(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Sends every later change of this node's bindings as home agent to `tx`
+    /// (replacing an earlier receiver). Never blocks: the receiver keeps up or not.
+    pub fn publish_to(&self, tx: mpsc::UnboundedSender<Published>) {
+        *self.inner.publish.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    fn publish(&self, p: Published) {
+        let guard = self.inner.publish.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            if tx.send(p).is_err() {
+                debug!("binding publisher gone");
+            }
+        }
     }
 
     /// This node's address as home agent and care-of host.
@@ -325,6 +424,10 @@ impl Mobility {
                     let actions = st.tunnels.removed(home, b.care_of, &local);
                     self.apply(&actions).await?;
                     self.persist(&st)?;
+                    self.publish(Published::Remove {
+                        home,
+                        seq: b.sequence,
+                    });
                     self.notify(Notice {
                         kind: NoticeKind::Removed,
                         care_of: None,
@@ -403,6 +506,10 @@ impl Mobility {
                     let local = HashMap::new();
                     let actions = st.tunnels.removed(home, b.care_of, &local);
                     let _ = self.apply(&actions).await;
+                    self.publish(Published::Remove {
+                        home,
+                        seq: b.sequence,
+                    });
                     self.notify(Notice {
                         care_of: None,
                         tunnel: None,
@@ -513,6 +620,17 @@ impl Mobility {
                 // An update (or garbage): the home agent decides, and always answers
                 // with a signed status so the sender learns why.
                 let mut st = self.inner.state.lock().await;
+                if self.needs_recovery() {
+                    if let Ok(Message::Update(u)) = xfer_mobility::decode(bytes) {
+                        if !st.cache.serves(u.home_address) {
+                            // Refusing it (unknown home) would make the care-of host
+                            // give up; silent, it retransmits (about 30 s) while the
+                            // bindings are recovered from the knowledge base.
+                            debug!(home = %u.home_address, %from, "binding update held back until the bindings are recovered");
+                            return;
+                        }
+                    }
+                }
                 let decision = st.cache.process(now, bytes);
                 if let Some(change) = &decision.change {
                     let local = st.local.clone();
@@ -523,6 +641,15 @@ impl Mobility {
                     if let Err(e) = self.persist(&st) {
                         warn!(error = %e, "saving the binding cache failed");
                     }
+                    self.publish(match change {
+                        BindingChange::Created(b)
+                        | BindingChange::Refreshed(b)
+                        | BindingChange::Moved { binding: b, .. } => Published::Put(b.clone()),
+                        BindingChange::Removed { home_address, .. } => Published::Remove {
+                            home: *home_address,
+                            seq: decision.ack.sequence,
+                        },
+                    });
                     let tunnel = |c: Ipv4Addr| st.tunnels.ha.get(&c).map(|t| t.name.clone());
                     let n = match change {
                         BindingChange::Created(b) => {
@@ -594,11 +721,13 @@ impl Mobility {
                         }
                     }
                     info!(%home, "binding expired");
+                    let seq = st.cache.last_sequence(home).unwrap_or(0);
+                    self.publish(Published::Remove { home, seq });
                     self.notify(Notice {
                         kind: NoticeKind::Removed,
                         home,
                         care_of: None,
-                        sequence: st.cache.last_sequence(home).unwrap_or(0),
+                        sequence: seq,
                         lifetime_secs: 0,
                         reverse_tunnel: false,
                         tunnel: None,

@@ -53,7 +53,8 @@ fn req() -> pb::KbRequest {
     }
 }
 
-fn client(ch: Channel) -> KbClient<Channel> {
+/// A `Kb` client over `ch` with the agents' message limits.
+pub fn kb_client(ch: Channel) -> KbClient<Channel> {
     KbClient::new(ch)
         .max_decoding_message_size(crate::MAX_MESSAGE)
         .max_encoding_message_size(crate::MAX_MESSAGE)
@@ -113,7 +114,7 @@ impl GrpcTransport {
     }
 
     fn kb(&self, host: &str) -> Result<KbClient<Channel>, KbError> {
-        Ok(client(self.channel(host)?))
+        Ok(kb_client(self.channel(host)?))
     }
 }
 
@@ -267,7 +268,7 @@ impl GrpcSink {
     pub fn new(kb_host: impl Into<String>, channel: Channel) -> Self {
         GrpcSink {
             kb_host: kb_host.into(),
-            client: client(channel),
+            client: kb_client(channel),
         }
     }
 }
@@ -316,7 +317,7 @@ impl RemoteDirectory {
         RemoteDirectory {
             kb_host: kb_host.into(),
             mode,
-            client: client(channel),
+            client: kb_client(channel),
             timeout: Duration::from_secs(5),
         }
     }

@@ -3,10 +3,12 @@
 //! `xfer_kb`'s `Transport`, `KbSink` and `Directory` ([`client`]), the daemon's
 //! configuration ([`KbConfig`], `xferd --kb-config FILE`), and [`Kb`]: what a running
 //! agent keeps (its store's inventory, the mode's tasks, the directory a destination
-//! asks) and how the destination turns an answer into the fetcher's candidates.
+//! asks) and how the destination turns an answer into the fetcher's candidates; and
+//! where the home agent's bindings are published and recovered from ([`bindings`]).
 //!
 //! docs/knowledge-base.md describes the modes; docs/operations.md the configuration.
 
+pub mod bindings;
 pub mod client;
 pub mod service;
 pub mod wire;
@@ -85,6 +87,10 @@ pub struct KbConfig {
     /// ([`crate::chunks::FetchConfig::fallback_shares`]).
     #[serde(default)]
     pub source_shares: bool,
+    /// Seconds between full updates of a home agent's bindings to the knowledge base
+    /// (default 30; 5 s after a failure).
+    #[serde(default)]
+    pub bindings_full_secs: Option<u64>,
 }
 
 impl KbConfig {
@@ -188,6 +194,13 @@ pub struct Kb {
     links: Mutex<BTreeMap<String, Link>>,
     /// The load last published.
     published: Mutex<HostInfo>,
+    /// The bindings other home agents publish to this host (the knowledge base host
+    /// in modes a and b, every host in modes c-e), served by the `Kb` service.
+    binding_store: Option<Arc<dyn KbStore>>,
+    /// Where this host's bindings as home agent go (bindings::Place).
+    binding_places: Vec<bindings::Place>,
+    bindings_full: Duration,
+    publisher: Mutex<Option<JoinHandle<()>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -206,8 +219,38 @@ impl Drop for Kb {
         for t in &self.tasks {
             t.abort();
         }
+        if let Some(t) = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
     }
 }
+
+/// Writes an embedded store to its file every minute (the file is a warm start).
+fn spawn_persist(store: Arc<EmbeddedStore>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.persist()).await {
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "persisting the knowledge base failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "persist task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    })
+}
+
+/// How often a store that keeps bindings drops the expired ones.
+const BINDING_EXPIRY_PERIOD: Duration = Duration::from_secs(2);
 
 fn kb_err(what: impl Into<String>) -> impl FnOnce(xfer_kb::KbError) -> AgentError {
     let what = what.into();
@@ -233,6 +276,7 @@ impl Kb {
         let mode = cfg.mode_config();
         let mut tasks = Vec::new();
         let mut central = None;
+        let mut central_store: Option<Arc<dyn KbStore>> = None;
         let is_kb = cfg.kb.as_deref() == Some(name);
         let t: Arc<dyn xfer_kb::Transport> = Arc::new(client::SelfFirst {
             me: inventory.clone(),
@@ -262,22 +306,7 @@ impl Kb {
                             EmbeddedStore::open(work_dir.join("kb.bin"), ttl)
                                 .map_err(kb_err("open the embedded store"))?,
                         );
-                        let ps = s.clone();
-                        tasks.push(tokio::spawn(async move {
-                            let mut tick = tokio::time::interval(Duration::from_secs(60));
-                            tick.tick().await;
-                            loop {
-                                tick.tick().await;
-                                let s = ps.clone();
-                                match tokio::task::spawn_blocking(move || s.persist()).await {
-                                    Ok(Err(e)) => {
-                                        tracing::warn!(error = %e, "persisting the knowledge base failed")
-                                    }
-                                    Err(e) => tracing::warn!(error = %e, "persist task failed"),
-                                    Ok(Ok(())) => {}
-                                }
-                            }
-                        }));
+                        tasks.push(spawn_persist(s.clone()));
                         s
                     }
                     StoreKind::Etcd => {
@@ -325,6 +354,7 @@ impl Kb {
                     }
                     _ => {}
                 }
+                central_store = Some(kb_store.clone());
                 central = Some(service::Central {
                     sink,
                     directory: dir.clone(),
@@ -363,6 +393,44 @@ impl Kb {
                 Arc::new(StoreDirectory::new(own, clock.clone(), &mode))
             }
         };
+        let (binding_store, binding_places) = match (&mode, central_store) {
+            // The knowledge base host: its own store.
+            (ModeConfig::CentralPull(_) | ModeConfig::CentralPush(_), Some(s)) => {
+                (Some(s.clone()), vec![bindings::Place::Local(s)])
+            }
+            (ModeConfig::CentralPull(_) | ModeConfig::CentralPush(_), None) => {
+                let kb = cfg.kb.clone().unwrap_or_default();
+                let ch = transport.channel(&kb).map_err(kb_err("reach the KB"))?;
+                (None, vec![bindings::Place::remote(kb, ch)])
+            }
+            // No central store: every host keeps its neighbours' bindings.
+            _ => {
+                let s = Arc::new(
+                    EmbeddedStore::open(work_dir.join("kb-bindings.bin"), None)
+                        .map_err(kb_err("open the bindings store"))?,
+                );
+                tasks.push(spawn_persist(s.clone()));
+                let mut places = Vec::new();
+                for n in cfg.neighbours_of(name) {
+                    let ch = transport.channel(&n).map_err(kb_err("reach a neighbour"))?;
+                    places.push(bindings::Place::remote(n, ch));
+                }
+                let s: Arc<dyn KbStore> = s;
+                (Some(s), places)
+            }
+        };
+        if let Some(s) = &binding_store {
+            let (s, clock) = (s.clone(), clock.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(BINDING_EXPIRY_PERIOD);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = s.expire(clock.now()).await {
+                        tracing::warn!(error = %e, "expiring bindings failed");
+                    }
+                }
+            }));
+        }
         tracing::info!(host = name, mode = ?mode.kind(), kb = is_kb, "knowledge base started");
         Ok(Kb {
             name: name.to_string(),
@@ -376,6 +444,14 @@ impl Kb {
             clock,
             links: Mutex::default(),
             published: Mutex::default(),
+            binding_store,
+            binding_places,
+            bindings_full: cfg
+                .bindings_full_secs
+                .map_or(bindings::DEFAULT_FULL_PERIOD, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            publisher: Mutex::default(),
             tasks,
         })
     }
@@ -399,6 +475,43 @@ impl Kb {
     pub fn service(&self) -> service::KbService {
         let inv: Arc<dyn Inventory> = self.inventory.clone();
         service::KbService::new(inv, self.central.clone())
+            .with_bindings(self.binding_store.clone(), self.clock.clone())
+    }
+
+    /// Where this host's bindings as home agent are published.
+    pub fn binding_places(&self) -> &[bindings::Place] {
+        &self.binding_places
+    }
+
+    /// Makes this host's bindings as home agent (`mob`) live in the knowledge base:
+    /// if `mob` lost its cache file, recovers them first (one attempt now, before
+    /// the caller resumes the handover; retried by the publisher if it fails), then
+    /// publishes every change and a periodic full update (module [`bindings`]).
+    pub async fn serve_bindings(&self, mob: &crate::handover::Mobility) {
+        let publisher = bindings::Publisher {
+            me: bindings::HomeAgent::of(&self.name, mob),
+            places: self.binding_places.clone(),
+            clock: self.clock.clone(),
+            full_period: self.bindings_full,
+            retry: bindings::RETRY,
+        };
+        if self.binding_places.is_empty() {
+            // Nowhere to recover from (modes c-e without neighbours): done.
+            mob.restore(Vec::new()).await;
+        } else if mob.needs_recovery() {
+            publisher.try_recover(mob).await;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        mob.publish_to(tx);
+        let task = tokio::spawn(publisher.run(Arc::new(mob.clone()), rx));
+        if let Some(old) = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
     }
 
     /// The name of the host at `endpoint`, if configured.

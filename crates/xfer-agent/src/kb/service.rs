@@ -1,12 +1,13 @@
 //! The `Kb` gRPC service: a host's side (status, inventory, its snapshots, its event
 //! stream) on every agent, and the knowledge base's side (push targets, holder and
-//! snapshot queries) on the agent acting as the knowledge base.
+//! snapshot queries) on the agent acting as the knowledge base; bindings published by
+//! home agents and queries of them on every agent that keeps them.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
-use xfer_kb::{Directory, Inventory, KbSink};
+use xfer_kb::{Clock, Directory, Inventory, KbSink, KbStore};
 use xfer_proto::v1 as pb;
 use xfer_proto::v1::kb_server::{Kb, KbServer};
 
@@ -27,6 +28,8 @@ pub struct Central {
 pub struct KbService {
     inventory: Arc<dyn Inventory>,
     central: Option<Central>,
+    /// Where home agents' bindings published to this host are kept.
+    bindings: Option<(Arc<dyn KbStore>, Arc<dyn Clock>)>,
 }
 
 fn status(e: AgentError) -> Status {
@@ -49,7 +52,27 @@ fn kb_status(e: xfer_kb::KbError) -> Status {
 
 impl KbService {
     pub fn new(inventory: Arc<dyn Inventory>, central: Option<Central>) -> Self {
-        KbService { inventory, central }
+        KbService {
+            inventory,
+            central,
+            bindings: None,
+        }
+    }
+
+    /// This service keeping home agents' bindings in `store` (`None`: it keeps none).
+    pub fn with_bindings(mut self, store: Option<Arc<dyn KbStore>>, clock: Arc<dyn Clock>) -> Self {
+        self.bindings = store.map(|s| (s, clock));
+        self
+    }
+
+    fn bindings(&self) -> Result<(&Arc<dyn KbStore>, xfer_kb::Timestamp), Status> {
+        let (s, c) = self.bindings.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "host {} keeps no bindings (in the central modes the knowledge base host does)",
+                self.inventory.host()
+            ))
+        })?;
+        Ok((s, c.now()))
     }
 
     pub fn into_server(self) -> KbServer<Self> {
@@ -182,5 +205,61 @@ impl Kb for KbService {
             .await
             .map_err(kb_status)?;
         Ok(Response::new(wire::snapshots_to(&a)))
+    }
+
+    async fn change_binding(
+        &self,
+        req: Request<pb::KbBindingChange>,
+    ) -> Result<Response<pb::KbBindingChangeReply>, Status> {
+        let op = wire::binding_change_from(req.get_ref()).map_err(status)?;
+        let (store, now) = self.bindings()?;
+        let r = super::bindings::apply_local(&**store, &op, now)
+            .await
+            .map_err(kb_status)?;
+        tracing::debug!(?op, outcome = ?r, "binding change");
+        Ok(Response::new(wire::binding_reply_to(r)))
+    }
+
+    async fn replace_bindings(
+        &self,
+        req: Request<pb::KbReplaceBindings>,
+    ) -> Result<Response<pb::KbReplaceBindingsReply>, Status> {
+        let r = req.get_ref();
+        wire::version(r.version).map_err(status)?;
+        if r.bindings.len() > wire::MAX_ITEMS {
+            return Err(Status::invalid_argument("too many bindings"));
+        }
+        let list = r
+            .bindings
+            .iter()
+            .map(wire::binding_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(status)?;
+        if let Some(b) = list.iter().find(|b| b.home_agent != r.home_agent) {
+            return Err(Status::invalid_argument(format!(
+                "a full update of {}'s bindings names home agent {} for {}",
+                r.home_agent, b.home_agent, b.home
+            )));
+        }
+        let (store, now) = self.bindings()?;
+        store
+            .replace_bindings(&r.home_agent, &list, now)
+            .await
+            .map_err(kb_status)?;
+        tracing::debug!(home_agent = %r.home_agent, bindings = list.len(), "bindings replaced");
+        Ok(Response::new(pb::KbReplaceBindingsReply {}))
+    }
+
+    async fn bindings(
+        &self,
+        req: Request<pb::KbBindingsQuery>,
+    ) -> Result<Response<pb::KbBindingList>, Status> {
+        let q = wire::bindings_query_from(req.get_ref()).map_err(status)?;
+        let (store, now) = self.bindings()?;
+        let list = store.bindings(&q, now).await.map_err(kb_status)?;
+        Ok(Response::new(pb::KbBindingList {
+            at_millis: now.as_millis(),
+            bindings: list.iter().map(wire::binding_to).collect(),
+        }))
     }
 }

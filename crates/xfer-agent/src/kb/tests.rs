@@ -104,6 +104,7 @@ async fn cluster_with(
         policy: Default::default(),
         snapshots: None,
         source_shares: false,
+        bindings_full_secs: None,
     };
     let mut out = Vec::new();
     for (i, ((front, _), (l, _))) in ls.into_iter().zip(backs).enumerate() {
@@ -330,4 +331,365 @@ fn config_is_checked() {
     let wrong_tuning = r#"{"mode": "online_query", "hosts": {}, "tuning": {"mode": "central_pull", "period": {"secs": 1, "nanos": 0}, "timeout": {"secs": 1, "nanos": 0}, "concurrency": 1, "drop_after": 1}}"#;
     let c: KbConfig = serde_json::from_str(wrong_tuning).expect("parses");
     assert!(c.check().is_err());
+}
+
+fn record(home: [u8; 4], ha: &str, care_of: [u8; 4], seq: u16) -> xfer_kb::BindingRecord {
+    let now = xfer_kb::SystemClock::new();
+    let now = xfer_kb::Clock::now(&now);
+    xfer_kb::BindingRecord {
+        home: home.into(),
+        home_agent: ha.into(),
+        home_agent_address: [127, 0, 0, 1].into(),
+        care_of: care_of.into(),
+        tunnel: xfer_kb::TunnelKind::Vxlan,
+        reverse_tunnel: false,
+        seq,
+        lifetime_secs: 60,
+        expires_at: now.add_secs(60),
+        updated_at: now,
+    }
+}
+
+/// Central push: a home agent (h2) publishes to the knowledge base (h1) over gRPC;
+/// puts, a stale put, a remove and a full update land in h1's store; h1's own
+/// bindings go straight into it; a query and the recovery of h2's bindings answer
+/// from it; a host that is not the knowledge base keeps none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_reach_the_kb_and_are_recovered_from_it() {
+    use super::bindings::{recover, Place};
+    use super::wire::BindingOp;
+    use xfer_kb::{BindingPut, BindingQuery};
+    let (hosts, cfg) = cluster(3, ModeKind::CentralPush).await;
+    let now = || xfer_kb::Clock::now(&xfer_kb::SystemClock::new());
+    let places = kb(&hosts[1]).binding_places().to_vec();
+    assert_eq!(places.len(), 1);
+    assert_eq!(places[0].name(), "h1");
+    let put = |b| BindingOp::Put(b);
+    let p = &places[0];
+    assert_eq!(
+        p.change(&put(record([10, 77, 0, 1], "h2", [10, 0, 0, 3], 5)), now())
+            .await
+            .expect("put"),
+        Ok(BindingPut::Stored)
+    );
+    assert_eq!(
+        p.change(&put(record([10, 77, 0, 1], "h2", [10, 0, 0, 9], 4)), now())
+            .await
+            .expect("put"),
+        Ok(BindingPut::Stale { stored: 5 })
+    );
+    p.change(&put(record([10, 77, 0, 2], "h2", [10, 0, 0, 3], 1)), now())
+        .await
+        .expect("put")
+        .expect("stored");
+    assert_eq!(
+        p.change(
+            &BindingOp::Remove(record([10, 77, 0, 2], "h2", [10, 0, 0, 3], 2)),
+            now()
+        )
+        .await
+        .expect("remove"),
+        Err(true)
+    );
+    // The knowledge base host publishes into its own store.
+    let own = kb(&hosts[0]).binding_places().to_vec();
+    assert!(matches!(own[0], Place::Local(_)));
+    own[0]
+        .change(&put(record([10, 77, 0, 9], "h1", [10, 0, 0, 2], 1)), now())
+        .await
+        .expect("put")
+        .expect("stored");
+    let all = p.query(&BindingQuery::All, now()).await.expect("query");
+    let homes: Vec<String> = all.iter().map(|b| b.home.to_string()).collect();
+    assert_eq!(homes, ["10.77.0.1", "10.77.0.9"]);
+    assert_eq!(all[0].care_of, std::net::Ipv4Addr::new(10, 0, 0, 3));
+    // Recovery asks for h2's own.
+    let got = recover(&places, "h2", now()).await.expect("recover");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 5);
+    // A full update replaces h2's set.
+    p.replace(
+        "h2",
+        &[record([10, 77, 0, 3], "h2", [10, 0, 0, 4], 8)],
+        now(),
+    )
+    .await
+    .expect("replace");
+    let got = recover(&places, "h2", now()).await.expect("recover");
+    let homes: Vec<String> = got.iter().map(|b| b.home.to_string()).collect();
+    assert_eq!(homes, ["10.77.0.3"]);
+    // h3 is not the knowledge base: it keeps no bindings and says so.
+    let e = crate::client::Client::kb_bindings(&cfg.hosts["h3"], None, &BindingQuery::All)
+        .await
+        .expect_err("h3 keeps none");
+    assert!(format!("{e:?}").contains("keeps no bindings"), "{e:?}");
+    // A knowledge base that does not answer: recovery fails (so the home agent
+    // retries instead of publishing an empty set), publishing fails fast.
+    hosts[0].proxy.kill();
+    drop(hosts);
+    let t = std::time::Instant::now();
+    assert!(recover(&places, "h2", now()).await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+/// Modes c-e: every host keeps its neighbours' bindings; a home agent publishes to
+/// each neighbour and recovers from whichever answers (the newest wins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_central_store_neighbours_keep_the_bindings() {
+    use super::bindings::recover;
+    use super::wire::BindingOp;
+    let (hosts, _cfg) = cluster(3, ModeKind::OnlineQuery).await;
+    let now = || xfer_kb::Clock::now(&xfer_kb::SystemClock::new());
+    let places = kb(&hosts[0]).binding_places().to_vec();
+    let names: Vec<&str> = places.iter().map(|p| p.name()).collect();
+    assert_eq!(names, ["h2", "h3"]);
+    // h3 missed the refresh to seq 6.
+    places[0]
+        .change(
+            &BindingOp::Put(record([10, 77, 0, 1], "h1", [10, 0, 0, 2], 6)),
+            now(),
+        )
+        .await
+        .expect("put")
+        .expect("stored");
+    places[1]
+        .change(
+            &BindingOp::Put(record([10, 77, 0, 1], "h1", [10, 0, 0, 2], 5)),
+            now(),
+        )
+        .await
+        .expect("put")
+        .expect("stored");
+    let got = recover(&places, "h1", now()).await.expect("recover");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 6);
+    // One neighbour down: the other still answers.
+    hosts[1].proxy.kill();
+    let got = recover(&places, "h1", now()).await.expect("recover");
+    assert_eq!(got.len(), 1);
+}
+
+/// A store whose binding calls fail while `down` (a knowledge base that is away).
+#[derive(Debug)]
+struct Flaky {
+    inner: xfer_kb::EmbeddedStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), xfer_kb::KbError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(xfer_kb::KbError::Reach {
+                host: "kb".into(),
+                what: "down".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl xfer_kb::KbStore for Flaky {
+    async fn apply(
+        &self,
+        ev: &xfer_kb::HostEvent,
+        now: xfer_kb::Timestamp,
+    ) -> Result<xfer_kb::Applied, xfer_kb::KbError> {
+        self.inner.apply(ev, now).await
+    }
+    async fn replace(
+        &self,
+        inv: &xfer_kb::FullInventory,
+        now: xfer_kb::Timestamp,
+    ) -> Result<(), xfer_kb::KbError> {
+        self.inner.replace(inv, now).await
+    }
+    async fn holders(&self, d: &[Digest]) -> Result<xfer_kb::Holdings, xfer_kb::KbError> {
+        self.inner.holders(d).await
+    }
+    async fn snapshots(
+        &self,
+        q: &xfer_kb::SnapshotQuery,
+    ) -> Result<Vec<(xfer_kb::Snapshot, xfer_kb::Timestamp)>, xfer_kb::KbError> {
+        self.inner.snapshots(q).await
+    }
+    async fn host(&self, h: &str) -> Result<Option<xfer_kb::HostRecord>, xfer_kb::KbError> {
+        self.inner.host(h).await
+    }
+    async fn hosts(&self) -> Result<Vec<xfer_kb::HostRecord>, xfer_kb::KbError> {
+        self.inner.hosts().await
+    }
+    async fn remove_host(&self, h: &str) -> Result<bool, xfer_kb::KbError> {
+        self.inner.remove_host(h).await
+    }
+    async fn expire(&self, now: xfer_kb::Timestamp) -> Result<Vec<String>, xfer_kb::KbError> {
+        self.inner.expire(now).await
+    }
+    async fn put_binding(
+        &self,
+        b: &xfer_kb::BindingRecord,
+        now: xfer_kb::Timestamp,
+    ) -> Result<xfer_kb::BindingPut, xfer_kb::KbError> {
+        self.check()?;
+        self.inner.put_binding(b, now).await
+    }
+    async fn remove_binding(
+        &self,
+        home: std::net::Ipv4Addr,
+        ha: &str,
+        seq: u16,
+    ) -> Result<bool, xfer_kb::KbError> {
+        self.check()?;
+        self.inner.remove_binding(home, ha, seq).await
+    }
+    async fn replace_bindings(
+        &self,
+        ha: &str,
+        list: &[xfer_kb::BindingRecord],
+        now: xfer_kb::Timestamp,
+    ) -> Result<(), xfer_kb::KbError> {
+        self.check()?;
+        self.inner.replace_bindings(ha, list, now).await
+    }
+    async fn bindings(
+        &self,
+        q: &xfer_kb::BindingQuery,
+        now: xfer_kb::Timestamp,
+    ) -> Result<Vec<xfer_kb::BindingRecord>, xfer_kb::KbError> {
+        self.check()?;
+        self.inner.bindings(q, now).await
+    }
+}
+
+/// A home agent without the network: its bindings, and whether it lost its file.
+#[derive(Default)]
+struct FakeHomeAgent {
+    bindings: std::sync::Mutex<Vec<xfer_mobility::Binding>>,
+    needs_recovery: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl super::bindings::HomeBindings for FakeHomeAgent {
+    fn needs_recovery(&self) -> bool {
+        self.needs_recovery
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+    async fn home_bindings(&self) -> Vec<xfer_mobility::Binding> {
+        self.bindings.lock().expect("lock").clone()
+    }
+    async fn restore(&self, list: Vec<xfer_mobility::Binding>) -> usize {
+        let n = list.len();
+        self.bindings.lock().expect("lock").extend(list);
+        self.needs_recovery
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        n
+    }
+}
+
+/// The publisher: a home agent that lost its file recovers from the knowledge base
+/// once it answers and never erases it with an empty full update meanwhile; changes
+/// go out as they happen; changes lost while the knowledge base was away are
+/// repaired by the full update once it is back.
+#[tokio::test]
+async fn the_publisher_recovers_then_repairs_lost_changes() {
+    use super::bindings::{binding_of, HomeAgent, Place, Publisher};
+    use crate::handover::Published;
+    use xfer_kb::{BindingQuery, KbStore};
+    let now = || xfer_kb::Clock::now(&xfer_kb::SystemClock::new());
+    let store = Arc::new(Flaky {
+        inner: xfer_kb::EmbeddedStore::in_memory(None),
+        down: true.into(),
+    });
+    let me = HomeAgent {
+        name: "h2".into(),
+        address: [127, 0, 0, 1].into(),
+        tunnel: xfer_kb::TunnelKind::Vxlan,
+    };
+    // What the knowledge base held before the home agent lost its file.
+    let r1 = record([10, 77, 0, 1], "h2", [10, 0, 0, 3], 5);
+    store.inner.put_binding(&r1, now()).await.expect("put");
+    let ha = Arc::new(FakeHomeAgent::default());
+    ha.needs_recovery
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let publisher = Publisher {
+        me: me.clone(),
+        places: vec![Place::Local(store.clone())],
+        clock: Arc::new(xfer_kb::SystemClock::new()),
+        full_period: Duration::from_millis(300),
+        retry: Duration::from_millis(100),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(publisher.run(ha.clone(), rx));
+    let homes = || async {
+        let mut v: Vec<String> = store
+            .inner
+            .bindings(&BindingQuery::HomeAgent("h2".into()), now())
+            .await
+            .expect("q")
+            .iter()
+            .map(|b| format!("{}@{}", b.home, b.seq))
+            .collect();
+        v.sort();
+        v
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(700));
+    // Polls until `homes()` is `want` (5 s at most: a loaded CI machine).
+    let until = |want: &'static [&'static str]| {
+        let homes = &homes;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = homes().await;
+                if got == want {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{got:?}, not {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The knowledge base is away: no recovery, and nothing erased.
+    settle().await;
+    assert!(ha.needs_recovery.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(homes().await, ["10.77.0.1@5"]);
+    // It is back: recovered.
+    store.set_down(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ha.needs_recovery.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "not recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*ha.bindings.lock().expect("lock"), vec![binding_of(&r1)]);
+    // A change goes out at once.
+    let b2 = binding_of(&record([10, 77, 0, 2], "h2", [10, 0, 0, 3], 1));
+    ha.bindings.lock().expect("lock").push(b2.clone());
+    tx.send(Published::Put(b2)).expect("send");
+    until(&["10.77.0.1@5", "10.77.0.2@1"]).await;
+    // Away again: a removal and a new binding are lost...
+    store.set_down(true);
+    let b3 = binding_of(&record([10, 77, 0, 3], "h2", [10, 0, 0, 4], 9));
+    {
+        let mut v = ha.bindings.lock().expect("lock");
+        v.retain(|b| b.home_address != r1.home);
+        v.push(b3.clone());
+    }
+    tx.send(Published::Remove {
+        home: r1.home,
+        seq: 6,
+    })
+    .expect("send");
+    tx.send(Published::Put(b3)).expect("send");
+    settle().await;
+    assert_eq!(homes().await, ["10.77.0.1@5", "10.77.0.2@1"]);
+    // ...and repaired by the full update once it is back.
+    store.set_down(false);
+    until(&["10.77.0.2@1", "10.77.0.3@9"]).await;
+    task.abort();
 }

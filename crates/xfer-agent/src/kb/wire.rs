@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use xfer_kb::{
-    Applied, Change, FullInventory, HoldersAnswer, HostEvent, HostFacts, HostInfo, HostStatus,
-    Link, ModeKind, Snapshot, SnapshotQuery, SnapshotsAnswer, Subject, Timestamp,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, FullInventory, HoldersAnswer,
+    HostEvent, HostFacts, HostInfo, HostStatus, Link, ModeKind, Snapshot, SnapshotQuery,
+    SnapshotsAnswer, Subject, Timestamp, TunnelKind,
 };
 use xfer_proto::v1 as pb;
 use xfer_store::Digest;
@@ -407,11 +408,154 @@ pub fn snapshots_from(r: &pb::KbSnapshotsReply) -> Result<SnapshotsAnswer, Agent
     })
 }
 
+fn addr(s: &str, field: &'static str) -> Result<std::net::Ipv4Addr, AgentError> {
+    s.parse()
+        .map_err(|_| bad(format!("{field}: {s:?} is not an IPv4 address")))
+}
+
+pub fn binding_to(b: &BindingRecord) -> pb::KbBinding {
+    pb::KbBinding {
+        home: b.home.to_string(),
+        home_agent: b.home_agent.clone(),
+        home_agent_address: b.home_agent_address.to_string(),
+        care_of: b.care_of.to_string(),
+        tunnel: match b.tunnel {
+            TunnelKind::Vxlan => pb::KbTunnelKind::Vxlan,
+            TunnelKind::Ipip => pb::KbTunnelKind::Ipip,
+            TunnelKind::Gre => pb::KbTunnelKind::Gre,
+        } as i32,
+        reverse_tunnel: b.reverse_tunnel,
+        seq: u32::from(b.seq),
+        lifetime_secs: b.lifetime_secs,
+        expires_millis: b.expires_at.as_millis(),
+        updated_millis: b.updated_at.as_millis(),
+    }
+}
+
+pub fn binding_from(b: &pb::KbBinding) -> Result<BindingRecord, AgentError> {
+    let tunnel = match pb::KbTunnelKind::try_from(b.tunnel) {
+        Ok(pb::KbTunnelKind::Vxlan) => TunnelKind::Vxlan,
+        Ok(pb::KbTunnelKind::Ipip) => TunnelKind::Ipip,
+        Ok(pb::KbTunnelKind::Gre) => TunnelKind::Gre,
+        _ => return Err(bad(format!("tunnel kind {}", b.tunnel))),
+    };
+    if b.home_agent.is_empty() || b.home_agent.contains('/') {
+        return Err(bad(format!("home agent {:?}", b.home_agent)));
+    }
+    Ok(BindingRecord {
+        home: addr(&b.home, "home")?,
+        home_agent: b.home_agent.clone(),
+        home_agent_address: addr(&b.home_agent_address, "home_agent_address")?,
+        care_of: addr(&b.care_of, "care_of")?,
+        tunnel,
+        reverse_tunnel: b.reverse_tunnel,
+        seq: u16::try_from(b.seq).map_err(|_| bad(format!("sequence {} > 65535", b.seq)))?,
+        lifetime_secs: b.lifetime_secs,
+        expires_at: ts(b.expires_millis),
+        updated_at: ts(b.updated_millis),
+    })
+}
+
+/// A put or a remove of one binding, as a home agent publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindingOp {
+    Put(BindingRecord),
+    /// The binding's home, home agent and sequence number name what to remove.
+    Remove(BindingRecord),
+}
+
+pub fn binding_change_to(op: &BindingOp) -> pb::KbBindingChange {
+    let (kind, b) = match op {
+        BindingOp::Put(b) => (pb::KbBindingOp::Put, b),
+        BindingOp::Remove(b) => (pb::KbBindingOp::Remove, b),
+    };
+    pb::KbBindingChange {
+        version: xfer_proto::PROTOCOL_VERSION as i32,
+        op: kind as i32,
+        binding: Some(binding_to(b)),
+    }
+}
+
+pub fn binding_change_from(c: &pb::KbBindingChange) -> Result<BindingOp, AgentError> {
+    version(c.version)?;
+    let b = binding_from(
+        c.binding
+            .as_ref()
+            .ok_or_else(|| bad("binding change without a binding"))?,
+    )?;
+    match pb::KbBindingOp::try_from(c.op) {
+        Ok(pb::KbBindingOp::Put) => Ok(BindingOp::Put(b)),
+        Ok(pb::KbBindingOp::Remove) => Ok(BindingOp::Remove(b)),
+        _ => Err(bad(format!("binding op {}", c.op))),
+    }
+}
+
+/// What a binding change did: a put's verdict, or whether a remove removed.
+pub fn binding_reply_to(r: Result<BindingPut, bool>) -> pb::KbBindingChangeReply {
+    use pb::KbBindingVerdict as V;
+    let (v, stored) = match r {
+        Ok(BindingPut::Stored) => (V::Stored, 0),
+        Ok(BindingPut::Stale { stored }) => (V::Stale, stored),
+        Ok(BindingPut::Expired) => (V::Expired, 0),
+        Err(true) => (V::Removed, 0),
+        Err(false) => (V::NotRemoved, 0),
+    };
+    pb::KbBindingChangeReply {
+        verdict: v as i32,
+        stored_seq: u32::from(stored),
+    }
+}
+
+pub fn binding_reply_from(
+    r: &pb::KbBindingChangeReply,
+) -> Result<Result<BindingPut, bool>, AgentError> {
+    use pb::KbBindingVerdict as V;
+    Ok(match V::try_from(r.verdict) {
+        Ok(V::Stored) => Ok(BindingPut::Stored),
+        Ok(V::Stale) => Ok(BindingPut::Stale {
+            stored: u16::try_from(r.stored_seq)
+                .map_err(|_| bad(format!("stored sequence {}", r.stored_seq)))?,
+        }),
+        Ok(V::Expired) => Ok(BindingPut::Expired),
+        Ok(V::Removed) => Err(true),
+        Ok(V::NotRemoved) => Err(false),
+        _ => return Err(bad(format!("binding verdict {}", r.verdict))),
+    })
+}
+
+pub fn bindings_query_to(q: &BindingQuery) -> pb::KbBindingsQuery {
+    let (kind, key) = match q {
+        BindingQuery::All => (pb::KbBindingQueryKind::All, String::new()),
+        BindingQuery::Home(h) => (pb::KbBindingQueryKind::Home, h.to_string()),
+        BindingQuery::HomeAgent(a) => (pb::KbBindingQueryKind::HomeAgent, a.clone()),
+    };
+    pb::KbBindingsQuery {
+        version: xfer_proto::PROTOCOL_VERSION as i32,
+        kind: kind as i32,
+        key,
+    }
+}
+
+pub fn bindings_query_from(q: &pb::KbBindingsQuery) -> Result<BindingQuery, AgentError> {
+    version(q.version)?;
+    match pb::KbBindingQueryKind::try_from(q.kind) {
+        Ok(pb::KbBindingQueryKind::All) => Ok(BindingQuery::All),
+        Ok(pb::KbBindingQueryKind::Home) => Ok(BindingQuery::Home(addr(&q.key, "key")?)),
+        Ok(pb::KbBindingQueryKind::HomeAgent) => Ok(BindingQuery::HomeAgent(q.key.clone())),
+        _ => Err(bad(format!("binding query kind {}", q.kind))),
+    }
+}
+
+pub fn bindings_from(l: &pb::KbBindingList) -> Result<Vec<BindingRecord>, AgentError> {
+    items(&l.bindings, "bindings")?;
+    l.bindings.iter().map(binding_from).collect()
+}
+
 /// Decodes any Kb message from raw bytes, as the fuzz target does: every message a
 /// node may receive, through the same checks. Returns whether it decoded.
 pub fn decode_any(kind: u8, bytes: &[u8]) -> bool {
     use prost::Message;
-    match kind % 8 {
+    match kind % 11 {
         0 => pb::KbEvent::decode(bytes)
             .ok()
             .map(|m| event_from(&m).is_ok()),
@@ -433,6 +577,15 @@ pub fn decode_any(kind: u8, bytes: &[u8]) -> bool {
         6 => pb::KbPushEventReply::decode(bytes)
             .ok()
             .map(|m| applied_from(&m).is_ok()),
+        7 => pb::KbBindingChange::decode(bytes)
+            .ok()
+            .map(|m| binding_change_from(&m).is_ok()),
+        8 => pb::KbBindingList::decode(bytes)
+            .ok()
+            .map(|m| bindings_from(&m).is_ok()),
+        9 => pb::KbBindingsQuery::decode(bytes)
+            .ok()
+            .map(|m| bindings_query_from(&m).is_ok()),
         _ => pb::KbHoldersRequest::decode(bytes)
             .ok()
             .map(|m| version(m.version).is_ok() && digests(&m.digests, "digests").is_ok()),
@@ -575,5 +728,90 @@ mod tests {
         for k in 0..8u8 {
             assert!(!decode_any(k, &[0x0a, 0xff, 0xff]));
         }
+    }
+
+    #[test]
+    fn bindings_round_trip_and_bad_ones_are_refused() {
+        let b = BindingRecord {
+            home: [10, 77, 0, 5].into(),
+            home_agent: "h1".into(),
+            home_agent_address: [10, 0, 0, 1].into(),
+            care_of: [10, 0, 0, 2].into(),
+            tunnel: TunnelKind::Gre,
+            reverse_tunnel: true,
+            seq: 65535,
+            lifetime_secs: 60,
+            expires_at: Timestamp::from_millis(70_000),
+            updated_at: Timestamp::from_millis(10_000),
+        };
+        assert_eq!(binding_from(&binding_to(&b)).expect("round trip"), b);
+        for op in [BindingOp::Put(b.clone()), BindingOp::Remove(b.clone())] {
+            assert_eq!(
+                binding_change_from(&binding_change_to(&op)).expect("op"),
+                op
+            );
+        }
+        for q in [
+            BindingQuery::All,
+            BindingQuery::Home(b.home),
+            BindingQuery::HomeAgent("h1".into()),
+        ] {
+            assert_eq!(bindings_query_from(&bindings_query_to(&q)).expect("q"), q);
+        }
+        for r in [
+            Ok(BindingPut::Stored),
+            Ok(BindingPut::Stale { stored: 9 }),
+            Ok(BindingPut::Expired),
+            Err(true),
+            Err(false),
+        ] {
+            assert_eq!(binding_reply_from(&binding_reply_to(r)).expect("reply"), r);
+        }
+        let ok = binding_to(&b);
+        let bad = [
+            pb::KbBinding {
+                tunnel: 0,
+                ..ok.clone()
+            },
+            pb::KbBinding {
+                home: "10.77.0".into(),
+                ..ok.clone()
+            },
+            pb::KbBinding {
+                care_of: String::new(),
+                ..ok.clone()
+            },
+            pb::KbBinding {
+                seq: 65536,
+                ..ok.clone()
+            },
+            pb::KbBinding {
+                home_agent: String::new(),
+                ..ok.clone()
+            },
+            pb::KbBinding {
+                home_agent: "a/b".into(),
+                ..ok.clone()
+            },
+        ];
+        for m in bad {
+            assert!(binding_from(&m).is_err(), "{m:?}");
+        }
+        let mut c = binding_change_to(&BindingOp::Put(b));
+        c.op = 0;
+        assert!(binding_change_from(&c).is_err());
+        c.binding = None;
+        assert!(binding_change_from(&c).is_err());
+        let q = pb::KbBindingsQuery {
+            kind: 2,
+            key: "nope".into(),
+            ..bindings_query_to(&BindingQuery::All)
+        };
+        assert!(bindings_query_from(&q).is_err());
+        assert!(binding_reply_from(&pb::KbBindingChangeReply {
+            verdict: 0,
+            stored_seq: 0
+        })
+        .is_err());
     }
 }

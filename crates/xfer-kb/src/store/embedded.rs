@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -16,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use xfer_mobility::clock::Timestamp;
 use xfer_store::Digest;
 
-use super::{check_seq, Holdings, KbStore};
+use super::{binding_verdict, check_seq, removes, Holdings, KbStore};
 use crate::index::Index;
 use crate::model::{
-    Applied, Change, FullInventory, HostEvent, HostFacts, HostName, HostRecord, Snapshot,
-    SnapshotQuery,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, FullInventory, HostEvent, HostFacts,
+    HostName, HostRecord, Snapshot, SnapshotQuery,
 };
 use crate::KbError;
 
@@ -31,6 +32,7 @@ struct State {
     index: Index,
     records: HashMap<HostName, HostRecord>,
     snapshots: HashMap<HostName, BTreeMap<Digest, Snapshot>>,
+    bindings: BTreeMap<Ipv4Addr, BindingRecord>,
 }
 
 /// In-memory knowledge base storage, optionally persisted to a file.
@@ -45,6 +47,9 @@ pub struct EmbeddedStore {
 struct Header {
     hosts: Vec<(HostRecord, u64)>,
     snapshots: Vec<Snapshot>,
+    /// Absent in files written before bindings were kept.
+    #[serde(default)]
+    bindings: Vec<BindingRecord>,
 }
 
 impl EmbeddedStore {
@@ -116,6 +121,7 @@ impl EmbeddedStore {
                     .values()
                     .flat_map(|m| m.values().cloned())
                     .collect(),
+                bindings: st.bindings.values().cloned().collect(),
             };
             let json = serde_json::to_vec(&header).map_err(|source| KbError::Codec {
                 what: "knowledge base header",
@@ -207,6 +213,7 @@ fn load(path: &Path) -> Result<State, KbError> {
             .or_default()
             .insert(s.id, s);
     }
+    st.bindings = header.bindings.into_iter().map(|b| (b.home, b)).collect();
     Ok(st)
 }
 
@@ -346,10 +353,17 @@ impl KbStore for EmbeddedStore {
     }
 
     async fn expire(&self, now: Timestamp) -> Result<Vec<HostName>, KbError> {
+        let mut st = self.write();
+        st.bindings.retain(|home, b| {
+            let live = b.is_live(now);
+            if !live {
+                tracing::info!(%home, home_agent = %b.home_agent, "knowledge base: binding expired");
+            }
+            live
+        });
         let Some(ttl) = self.ttl else {
             return Ok(Vec::new());
         };
-        let mut st = self.write();
         let dead: Vec<HostName> = st
             .records
             .values()
@@ -363,5 +377,69 @@ impl KbStore for EmbeddedStore {
             tracing::info!(host = %h, "knowledge base: host expired");
         }
         Ok(dead)
+    }
+
+    async fn put_binding(&self, b: &BindingRecord, now: Timestamp) -> Result<BindingPut, KbError> {
+        let mut st = self.write();
+        let verdict = binding_verdict(st.bindings.get(&b.home), b, now, false);
+        if verdict == BindingPut::Stored {
+            st.bindings.insert(b.home, b.clone());
+        }
+        Ok(verdict)
+    }
+
+    async fn remove_binding(
+        &self,
+        home: Ipv4Addr,
+        home_agent: &str,
+        seq: u16,
+    ) -> Result<bool, KbError> {
+        let mut st = self.write();
+        match st.bindings.get(&home) {
+            Some(b) if removes(b, home_agent, seq) => {
+                st.bindings.remove(&home);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn replace_bindings(
+        &self,
+        home_agent: &str,
+        bindings: &[BindingRecord],
+        now: Timestamp,
+    ) -> Result<(), KbError> {
+        let mut st = self.write();
+        st.bindings.retain(|home, b| {
+            b.home_agent != home_agent || bindings.iter().any(|n| n.home == *home)
+        });
+        for b in bindings.iter().filter(|b| b.home_agent == home_agent) {
+            if binding_verdict(st.bindings.get(&b.home), b, now, true) == BindingPut::Stored {
+                st.bindings.insert(b.home, b.clone());
+            } else if st
+                .bindings
+                .get(&b.home)
+                .is_some_and(|s| s.home_agent == home_agent)
+            {
+                // Its own record, already expired in the new set: gone.
+                st.bindings.remove(&b.home);
+            }
+        }
+        Ok(())
+    }
+
+    async fn bindings(
+        &self,
+        q: &BindingQuery,
+        now: Timestamp,
+    ) -> Result<Vec<BindingRecord>, KbError> {
+        Ok(self
+            .read()
+            .bindings
+            .values()
+            .filter(|b| b.is_live(now) && q.matches(b))
+            .cloned()
+            .collect())
     }
 }

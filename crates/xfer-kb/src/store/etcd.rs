@@ -7,6 +7,7 @@
 //! P/seq/<host>               last applied sequence number      lease of <host>
 //! P/hold/<digest hex>/<host> ""  (host holds digest)           lease of <host>
 //! P/snap/<host>/<id hex>     JSON Snapshot                     lease of <host>
+//! P/bind/<home address>      JSON {record: BindingRecord, lease} its own lease
 //! ```
 //!
 //! * **Digest first** for holdings: "who holds D" is one prefix range
@@ -23,12 +24,19 @@
 //!   compares `P/seq/<host>` with the sequence number read before, so two writers
 //!   cannot both apply the same host's next event; the earlier transactions of a large
 //!   event are idempotent puts and deletes.
+//! * **Bindings**: one key per home address, each under a lease of the binding's
+//!   remaining lifetime (granted at every put), so an expired binding vanishes by
+//!   itself. A put reads the key, checks the sequence rule ([`super::binding_verdict`])
+//!   and writes in a transaction that compares the key's `mod_revision` with the one
+//!   read (absent: `version == 0`); when another writer got there first it reads
+//!   again, so a put with an older sequence number never wins.
 //! * Host names must not contain `/`.
 //!
 //! Where it stops: see docs/knowledge-base.md (every holding is one etcd key with its
 //! revision history and an in-memory index entry in every etcd member).
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,10 +46,10 @@ use serde::{Deserialize, Serialize};
 use xfer_mobility::clock::Timestamp;
 use xfer_store::Digest;
 
-use super::{check_seq, Holdings, KbStore};
+use super::{binding_verdict, check_seq, removes, Holdings, KbStore};
 use crate::model::{
-    Applied, Change, FullInventory, HostEvent, HostFacts, HostName, HostRecord, Snapshot,
-    SnapshotQuery,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, FullInventory, HostEvent, HostFacts,
+    HostName, HostRecord, Snapshot, SnapshotQuery,
 };
 use crate::KbError;
 
@@ -93,6 +101,16 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredBinding {
+    record: BindingRecord,
+    lease: i64,
+}
+
+/// How often a binding write is retried when another writer changed the key
+/// between our read and our transaction.
+const BINDING_RETRIES: usize = 8;
+
 fn etcd(op: &'static str) -> impl Fn(etcd_client::Error) -> KbError {
     move |source| KbError::Etcd { op, source }
 }
@@ -138,19 +156,156 @@ impl EtcdStore {
         format!("{}/snap/{host}/{}", self.cfg.prefix, id.to_hex())
     }
 
-    async fn stored(&self, host: &str) -> Result<Option<Stored>, KbError> {
+    fn k_bind_prefix(&self) -> String {
+        format!("{}/bind/", self.cfg.prefix)
+    }
+    fn k_bind(&self, home: Ipv4Addr) -> String {
+        format!("{}/bind/{home}", self.cfg.prefix)
+    }
+
+    /// The JSON value at `key` and the key's `mod_revision`, if present.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+        op: &'static str,
+        what: &'static str,
+    ) -> Result<Option<(T, i64)>, KbError> {
+        let resp = self.client.clone().get(key, None).await.map_err(etcd(op))?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(Some((
+                serde_json::from_slice(kv.value()).map_err(codec(what))?,
+                kv.mod_revision(),
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// The binding of `home` and the key's `mod_revision` (0: absent).
+    async fn stored_binding(
+        &self,
+        home: Ipv4Addr,
+    ) -> Result<(Option<StoredBinding>, i64), KbError> {
+        Ok(
+            match self
+                .get_json(self.k_bind(home), "get binding", "binding")
+                .await?
+            {
+                Some((b, rev)) => (Some(b), rev),
+                None => (None, 0),
+            },
+        )
+    }
+
+    /// Every stored binding with its key's `mod_revision`.
+    async fn all_bindings(&self) -> Result<Vec<(StoredBinding, i64)>, KbError> {
         let resp = self
             .client
             .clone()
-            .get(self.k_host(host), None)
+            .get(self.k_bind_prefix(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(etcd("get host record"))?;
-        match resp.kvs().first() {
-            Some(kv) => Ok(Some(
-                serde_json::from_slice(kv.value()).map_err(codec("host"))?,
-            )),
-            None => Ok(None),
+            .map_err(etcd("get bindings"))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let b: StoredBinding =
+                    serde_json::from_slice(kv.value()).map_err(codec("binding"))?;
+                Ok((b, kv.mod_revision()))
+            })
+            .collect()
+    }
+
+    /// The key of `home` is still at revision `rev` (0: absent).
+    fn unchanged(&self, home: Ipv4Addr, rev: i64) -> Compare {
+        if rev == 0 {
+            Compare::version(self.k_bind(home), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(self.k_bind(home), CompareOp::Equal, rev)
         }
+    }
+
+    async fn revoke_quietly(&self, lease: i64) {
+        // A lease that already ran out took its key with it: nothing to do.
+        if let Err(e) = self.client.clone().lease_revoke(lease).await {
+            tracing::debug!(lease, error = %e, "binding lease already gone");
+        }
+    }
+
+    /// Puts `b` under a new lease of its remaining lifetime if the sequence rule
+    /// allows it, compare-and-swap on the key's revision (retried on a conflict).
+    async fn put_binding_checked(
+        &self,
+        b: &BindingRecord,
+        now: Timestamp,
+        own: bool,
+    ) -> Result<BindingPut, KbError> {
+        for _ in 0..BINDING_RETRIES {
+            let (old, rev) = self.stored_binding(b.home).await?;
+            let verdict = binding_verdict(old.as_ref().map(|o| &o.record), b, now, own);
+            if verdict != BindingPut::Stored {
+                return Ok(verdict);
+            }
+            let ttl = i64::try_from(b.remaining_secs(now).max(1)).unwrap_or(i64::MAX);
+            let lease = self
+                .client
+                .clone()
+                .lease_grant(ttl, None)
+                .await
+                .map_err(etcd("lease grant"))?
+                .id();
+            let json = serde_json::to_vec(&StoredBinding {
+                record: b.clone(),
+                lease,
+            })
+            .map_err(codec("binding"))?;
+            let resp = self
+                .client
+                .clone()
+                .txn(
+                    Txn::new()
+                        .when(vec![self.unchanged(b.home, rev)])
+                        .and_then(vec![TxnOp::put(self.k_bind(b.home), json, leased(lease))]),
+                )
+                .await
+                .map_err(etcd("put binding"))?;
+            if resp.succeeded() {
+                if let Some(old) = old {
+                    self.revoke_quietly(old.lease).await;
+                }
+                return Ok(BindingPut::Stored);
+            }
+            self.revoke_quietly(lease).await;
+        }
+        Err(KbError::BindingConflict { home: b.home })
+    }
+
+    /// Deletes the key of `home` if it is still at revision `rev`; false if it moved.
+    async fn delete_binding_at(
+        &self,
+        home: Ipv4Addr,
+        rev: i64,
+        lease: i64,
+    ) -> Result<bool, KbError> {
+        let resp = self
+            .client
+            .clone()
+            .txn(
+                Txn::new()
+                    .when(vec![self.unchanged(home, rev)])
+                    .and_then(vec![TxnOp::delete(self.k_bind(home), None)]),
+            )
+            .await
+            .map_err(etcd("delete binding"))?;
+        if resp.succeeded() {
+            self.revoke_quietly(lease).await;
+        }
+        Ok(resp.succeeded())
+    }
+
+    async fn stored(&self, host: &str) -> Result<Option<Stored>, KbError> {
+        Ok(self
+            .get_json(self.k_host(host), "get host record", "host")
+            .await?
+            .map(|(s, _)| s))
     }
 
     /// Runs `ops` as transactions of at most `max_txn_ops`, `concurrency` at a time.
@@ -469,5 +624,69 @@ impl KbStore for EtcdStore {
     async fn expire(&self, _now: Timestamp) -> Result<Vec<HostName>, KbError> {
         // Leases expire in etcd itself.
         Ok(Vec::new())
+    }
+
+    async fn put_binding(&self, b: &BindingRecord, now: Timestamp) -> Result<BindingPut, KbError> {
+        self.put_binding_checked(b, now, false).await
+    }
+
+    async fn remove_binding(
+        &self,
+        home: Ipv4Addr,
+        home_agent: &str,
+        seq: u16,
+    ) -> Result<bool, KbError> {
+        for _ in 0..BINDING_RETRIES {
+            let (Some(old), rev) = self.stored_binding(home).await? else {
+                return Ok(false);
+            };
+            if !removes(&old.record, home_agent, seq) {
+                return Ok(false);
+            }
+            if self.delete_binding_at(home, rev, old.lease).await? {
+                return Ok(true);
+            }
+        }
+        Err(KbError::BindingConflict { home })
+    }
+
+    async fn replace_bindings(
+        &self,
+        home_agent: &str,
+        bindings: &[BindingRecord],
+        now: Timestamp,
+    ) -> Result<(), KbError> {
+        for (old, rev) in self.all_bindings().await? {
+            let home = old.record.home;
+            if old.record.home_agent == home_agent && !bindings.iter().any(|b| b.home == home) {
+                // Changed since the read: its new writer decides.
+                self.delete_binding_at(home, rev, old.lease).await?;
+            }
+        }
+        for b in bindings.iter().filter(|b| b.home_agent == home_agent) {
+            if self.put_binding_checked(b, now, true).await? == BindingPut::Expired {
+                let (old, rev) = self.stored_binding(b.home).await?;
+                if let Some(old) = old.filter(|o| o.record.home_agent == home_agent) {
+                    self.delete_binding_at(b.home, rev, old.lease).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn bindings(
+        &self,
+        q: &BindingQuery,
+        now: Timestamp,
+    ) -> Result<Vec<BindingRecord>, KbError> {
+        let mut v: Vec<BindingRecord> = self
+            .all_bindings()
+            .await?
+            .into_iter()
+            .map(|(s, _)| s.record)
+            .filter(|b| b.is_live(now) && q.matches(b))
+            .collect();
+        v.sort_by_key(|b| b.home);
+        Ok(v)
     }
 }

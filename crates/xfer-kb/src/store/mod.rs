@@ -8,13 +8,15 @@ mod etcd;
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore};
 
+use std::net::Ipv4Addr;
+
 use async_trait::async_trait;
 use xfer_mobility::clock::Timestamp;
 use xfer_store::Digest;
 
 use crate::model::{
-    Applied, Change, FullInventory, HostEvent, HostFacts, HostName, HostRecord, Snapshot,
-    SnapshotQuery,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, FullInventory, HostEvent, HostFacts,
+    HostName, HostRecord, Snapshot, SnapshotQuery,
 };
 use crate::KbError;
 
@@ -33,7 +35,11 @@ pub struct Holdings {
 ///   its holdings (digests) and its snapshots;
 /// * an event applies only if it is the host's next one ([`Applied`]); a full
 ///   inventory replaces everything known of its host;
-/// * every write takes `now` from the caller's clock, so tests drive time.
+/// * every write takes `now` from the caller's clock, so tests drive time;
+/// * besides, the home agents' bindings: one [`BindingRecord`] per home address, a
+///   put older (modulo 2^16) than the stored sequence number is refused
+///   ([`binding_verdict`]), an expired binding is never answered and is dropped by
+///   `expire` (etcd: by the lease of its remaining lifetime).
 #[async_trait]
 pub trait KbStore: Send + Sync + std::fmt::Debug {
     /// Applies one change event of a host if it is the next in sequence.
@@ -60,6 +66,70 @@ pub trait KbStore: Send + Sync + std::fmt::Debug {
     /// Forgets the hosts not heard of within the store's liveness TTL (embedded; etcd
     /// does this itself with leases); returns their names.
     async fn expire(&self, now: Timestamp) -> Result<Vec<HostName>, KbError>;
+
+    /// Stores a home agent's binding (created, refreshed or moved) unless the store
+    /// holds a newer update of the same home address.
+    async fn put_binding(&self, b: &BindingRecord, now: Timestamp) -> Result<BindingPut, KbError>;
+
+    /// Removes the binding of `home` if it is `home_agent`'s and not newer than `seq`
+    /// (a deregistration, an expiry, the container came home or was removed); false if
+    /// nothing was removed.
+    async fn remove_binding(
+        &self,
+        home: Ipv4Addr,
+        home_agent: &str,
+        seq: u16,
+    ) -> Result<bool, KbError>;
+
+    /// A home agent's full set of bindings: replaces every binding the store holds
+    /// for `home_agent` (its own records are overwritten whatever their sequence
+    /// number: the home agent is their authority; records of other home agents are
+    /// subject to the sequence rule). Repairs lost puts and removes.
+    async fn replace_bindings(
+        &self,
+        home_agent: &str,
+        bindings: &[BindingRecord],
+        now: Timestamp,
+    ) -> Result<(), KbError>;
+
+    /// The live bindings matching `q` at `now`, by home address.
+    async fn bindings(
+        &self,
+        q: &BindingQuery,
+        now: Timestamp,
+    ) -> Result<Vec<BindingRecord>, KbError>;
+}
+
+/// Whether a put of `new` may replace `stored` (`None`: nothing stored). The same
+/// sequence number is accepted again (a retried put, a full update); an older one
+/// is [`BindingPut::Stale`]. `own`: `new` comes from the stored record's home agent
+/// in a full update, which wins whatever the numbers.
+pub(crate) fn binding_verdict(
+    stored: Option<&BindingRecord>,
+    new: &BindingRecord,
+    now: Timestamp,
+    own: bool,
+) -> BindingPut {
+    if !new.is_live(now) {
+        return BindingPut::Expired;
+    }
+    match stored {
+        Some(s)
+            if !(own && s.home_agent == new.home_agent)
+                && s.is_live(now)
+                && s.seq != new.seq
+                && !xfer_mobility::serial::is_newer(new.seq, s.seq) =>
+        {
+            BindingPut::Stale { stored: s.seq }
+        }
+        _ => BindingPut::Stored,
+    }
+}
+
+/// Whether a removal by `home_agent` at sequence `seq` applies to `stored`.
+pub(crate) fn removes(stored: &BindingRecord, home_agent: &str, seq: u16) -> bool {
+    stored.home_agent == home_agent
+        && (stored.seq == seq || xfer_mobility::serial::is_newer(seq, stored.seq))
 }
 
 /// What an event does given the host's current sequence number (`None`: unknown host).

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xfer_kb::{
-    Applied, Change, Clock, Digest, FullInventory, HostEvent, HostInfo, Inventory, KbStore,
-    LocalTransport, MemInventory, ModeConfig, Snapshot, SnapshotQuery, Subject, Timestamp,
+    Applied, BindingPut, BindingQuery, BindingRecord, Change, Clock, Digest, FullInventory,
+    HostEvent, HostInfo, Inventory, KbStore, LocalTransport, MemInventory, ModeConfig, Snapshot,
+    SnapshotQuery, Subject, Timestamp, TunnelKind,
 };
 
 pub fn d(i: u32) -> Digest {
@@ -398,4 +399,164 @@ pub async fn mode_scenario(
         "{:?}: after h3 died",
         cfg.kind()
     );
+}
+
+pub fn binding(
+    home: [u8; 4],
+    ha: &str,
+    care_of: [u8; 4],
+    seq: u16,
+    at_s: u64,
+    life: u32,
+) -> BindingRecord {
+    BindingRecord {
+        home: home.into(),
+        home_agent: ha.into(),
+        home_agent_address: [10, 0, 0, 1].into(),
+        care_of: care_of.into(),
+        tunnel: TunnelKind::Vxlan,
+        reverse_tunnel: false,
+        seq,
+        lifetime_secs: life,
+        expires_at: Timestamp::from_secs(at_s + u64::from(life)),
+        updated_at: Timestamp::from_secs(at_s),
+    }
+}
+
+fn homes(v: &[BindingRecord]) -> Vec<(String, String, u16)> {
+    v.iter()
+        .map(|b| (b.home.to_string(), b.care_of.to_string(), b.seq))
+        .collect()
+}
+
+/// The binding semantics every store must have: put, refresh, move, a stale
+/// sequence number refused (also across the 2^16 wrap), removal by the owner only
+/// and not by an older sequence, queries by home address and home agent, a full
+/// set replacing a home agent's bindings, expired bindings never answered. Times
+/// are relative to `t0` (seconds since the epoch) so a real-time store (etcd,
+/// whose leases run in real time) gets bindings that are live now.
+pub async fn binding_contract(store: &dyn KbStore, t0: u64) {
+    let at = |s: u64| Timestamp::from_secs(t0 + s);
+    let q_all = BindingQuery::All;
+    let h1 = [10, 77, 0, 1];
+    let h2 = [10, 77, 0, 2];
+    let b = |home, ha: &str, coa, seq, s: u64, life| binding(home, ha, coa, seq, t0 + s, life);
+    assert!(store.bindings(&q_all, at(0)).await.expect("q").is_empty());
+    // (binding, now, expected verdict), in order: put; a refresh with a newer
+    // sequence number; a stale one does not win, the same one is accepted again;
+    // moved to another care-of host; sequence numbers wrap (2 is newer than 65535);
+    // an already expired binding is not stored.
+    let stale = |stored| BindingPut::Stale { stored };
+    let steps = [
+        (
+            b(h1, "ha", [10, 0, 0, 2], 10, 0, 600),
+            0,
+            BindingPut::Stored,
+        ),
+        (
+            b(h1, "ha", [10, 0, 0, 2], 11, 1, 600),
+            1,
+            BindingPut::Stored,
+        ),
+        (b(h1, "ha", [10, 0, 0, 9], 9, 2, 600), 2, stale(11)),
+        (
+            b(h1, "ha", [10, 0, 0, 2], 11, 1, 600),
+            2,
+            BindingPut::Stored,
+        ),
+        (
+            b(h1, "ha", [10, 0, 0, 3], 12, 3, 600),
+            3,
+            BindingPut::Stored,
+        ),
+        (
+            b(h2, "hb", [10, 0, 0, 4], 65535, 3, 600),
+            3,
+            BindingPut::Stored,
+        ),
+        (b(h2, "hb", [10, 0, 0, 4], 2, 4, 600), 4, BindingPut::Stored),
+        (b(h2, "hb", [10, 0, 0, 4], 65000, 4, 600), 4, stale(2)),
+        (
+            b([10, 77, 0, 3], "ha", [10, 0, 0, 2], 1, 0, 1),
+            5,
+            BindingPut::Expired,
+        ),
+    ];
+    for (i, (r, now, want)) in steps.into_iter().enumerate() {
+        let got = store.put_binding(&r, at(now)).await.expect("put");
+        assert_eq!(got, want, "step {i}: {r:?}");
+    }
+    let got = store
+        .bindings(&BindingQuery::Home(h1.into()), at(5))
+        .await
+        .expect("q");
+    assert_eq!(got, vec![b(h1, "ha", [10, 0, 0, 3], 12, 3, 600)]);
+    // Queries.
+    assert_eq!(store.bindings(&q_all, at(5)).await.expect("q").len(), 2);
+    let of_hb = store
+        .bindings(&BindingQuery::HomeAgent("hb".into()), at(5))
+        .await
+        .expect("q");
+    assert_eq!(
+        homes(&of_hb),
+        vec![("10.77.0.2".into(), "10.0.0.4".into(), 2)]
+    );
+    // Removal: only by the owner, not with an older sequence number.
+    assert!(!store.remove_binding(h1.into(), "hb", 12).await.expect("rm"));
+    assert!(!store.remove_binding(h1.into(), "ha", 11).await.expect("rm"));
+    assert!(store.remove_binding(h1.into(), "ha", 13).await.expect("rm"));
+    assert!(!store.remove_binding(h1.into(), "ha", 13).await.expect("rm"));
+    assert_eq!(store.bindings(&q_all, at(5)).await.expect("q").len(), 1);
+    // A full set replaces the home agent's bindings, also over a "newer" number of
+    // its own (the home agent is the authority), and leaves other home agents'.
+    let own = b(h1, "ha", [10, 0, 0, 2], 500, 5, 600);
+    store.put_binding(&own, at(5)).await.expect("put");
+    let h3 = [10, 77, 0, 3];
+    store
+        .replace_bindings(
+            "ha",
+            &[
+                b(h3, "ha", [10, 0, 0, 5], 7, 6, 600),
+                b(h1, "ha", [10, 0, 0, 6], 3, 6, 600),
+            ],
+            at(6),
+        )
+        .await
+        .expect("replace");
+    let got = store.bindings(&q_all, at(6)).await.expect("q");
+    assert_eq!(
+        homes(&got),
+        vec![
+            ("10.77.0.1".into(), "10.0.0.6".into(), 3),
+            ("10.77.0.2".into(), "10.0.0.4".into(), 2),
+            ("10.77.0.3".into(), "10.0.0.5".into(), 7),
+        ]
+    );
+    store
+        .replace_bindings("ha", &[b(h3, "ha", [10, 0, 0, 5], 8, 7, 600)], at(7))
+        .await
+        .expect("replace");
+    let got = store.bindings(&q_all, at(7)).await.expect("q");
+    assert_eq!(
+        homes(&got),
+        vec![
+            ("10.77.0.2".into(), "10.0.0.4".into(), 2),
+            ("10.77.0.3".into(), "10.0.0.5".into(), 8)
+        ]
+    );
+    // Expiry: never answered past its lifetime; `expire` drops it.
+    let late = at(7 + 600 + 1);
+    assert!(store.bindings(&q_all, late).await.expect("q").is_empty());
+    store.expire(late).await.expect("expire");
+    assert!(store.bindings(&q_all, at(7)).await.expect("q").len() <= 2);
+    // Clean up (real-time stores share their server between tests).
+    store
+        .replace_bindings("ha", &[], at(8))
+        .await
+        .expect("replace");
+    store
+        .replace_bindings("hb", &[], at(8))
+        .await
+        .expect("replace");
+    assert!(store.bindings(&q_all, at(8)).await.expect("q").is_empty());
 }
