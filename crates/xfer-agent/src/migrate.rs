@@ -631,8 +631,38 @@ impl std::fmt::Debug for ChunkSide<'_> {
     }
 }
 
-/// Chunks `files` into the store (on a blocking thread) and has the destination fetch
-/// what it lacks. Returns (publish time, the destination's reply).
+/// A round's volumes being published (their tars chunked on a blocking thread): the
+/// cut-over starts this at the freeze, beside the dump (a frozen task's volumes do not
+/// change), instead of after it.
+struct VolumesAhead(
+    tokio::task::JoinHandle<
+        Result<(Vec<xfer_proto::v1::ObjectManifest>, crate::sync::Published), AgentError>,
+    >,
+);
+
+impl VolumesAhead {
+    async fn start(chunks: &ChunkSide<'_>, mid: &str) -> VolumesAhead {
+        let files = chunks.volumes.lock().await.round_files();
+        let (store, lease) = (chunks.store.clone(), mid.to_string());
+        VolumesAhead(tokio::task::spawn_blocking(move || {
+            if files.is_empty() {
+                return Ok((Vec::new(), crate::sync::Published::default()));
+            }
+            crate::sync::publish(&store, &lease, &files)
+        }))
+    }
+
+    async fn finish(
+        self,
+    ) -> Result<(Vec<xfer_proto::v1::ObjectManifest>, crate::sync::Published), AgentError> {
+        self.0
+            .await
+            .map_err(|e| AgentError::Refused(format!("volume chunking task: {e}")))?
+    }
+}
+
+/// Chunks `files` and the volumes (`volumes`, if already started; else now) into the
+/// store (on blocking threads) and has the destination fetch what it lacks. Returns (publish time, the destination's reply).
 async fn publish_and_sync<D: Destination>(
     chunks: &ChunkSide<'_>,
     dst: &mut D,
@@ -640,17 +670,25 @@ async fn publish_and_sync<D: Destination>(
     round: u32,
     last: bool,
     files: Vec<OutFile>,
+    volumes: Option<VolumesAhead>,
 ) -> Result<(std::time::Duration, crate::sync::Published, SyncReply), AgentError> {
     let t = Instant::now();
+    let volumes = match volumes {
+        Some(v) => v,
+        None => VolumesAhead::start(chunks, mid).await,
+    };
     let store = chunks.store.clone();
     let lease = mid.to_string();
     let mut vols = chunks.volumes.lock().await;
-    let mut files = files;
-    files.extend(vols.round_files());
-    let (mut manifests, published) =
+    let (mut manifests, mut published) =
         tokio::task::spawn_blocking(move || crate::sync::publish(&store, &lease, &files))
             .await
             .map_err(|e| AgentError::Refused(format!("chunking task: {e}")))??;
+    let (vol_manifests, vol_published) = volumes.finish().await?;
+    manifests.extend(vol_manifests);
+    published.raw_bytes += vol_published.raw_bytes;
+    published.new_chunks += vol_published.new_chunks;
+    published.new_frame_bytes += vol_published.new_frame_bytes;
     if let Some(kb) = chunks.kb {
         if let Ok(objs) = crate::sync::decode_objects(&manifests) {
             kb.inventory().added(&crate::sync::chunk_ids(&objs));
@@ -817,7 +855,7 @@ pub async fn precopy<R: Runtime, D: Destination>(
             (0, Vec::new())
         };
         let dump_time = t.elapsed();
-        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, false, files)
+        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, false, files, None)
             .await
             .map_err(|e| (Step::Transfer, e))?;
         let _ = std::fs::remove_dir_all(&dir);
@@ -937,6 +975,8 @@ pub async fn cutover<R: Runtime, D: Destination>(
     let mut lazy_bytes = 0u64;
     let after_freeze = async {
         let t = Instant::now();
+        // The volumes' final tars are chunked while CRIU dumps.
+        let volumes = VolumesAhead::start(chunks, mid).await;
         let criu_dir = out_dir.join("final").join("criu");
         let work_dir = out_dir.join("final").join("work");
         if let Some(addr) = lazy_at {
@@ -1037,9 +1077,10 @@ pub async fn cutover<R: Runtime, D: Destination>(
             files.push(diff);
             sync_files = files;
         }
-        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, true, sync_files)
-            .await
-            .map_err(|e| (Step::Transfer, e))?;
+        let (chunk_time, _, reply) =
+            publish_and_sync(chunks, dst, mid, round, true, sync_files, Some(volumes))
+                .await
+                .map_err(|e| (Step::Transfer, e))?;
         report.chunk_micros += chunk_time.as_micros() as u64;
         report.sync_micros += reply.fetch_micros + reply.rebuild_micros;
         report.delta_raw_bytes += reply.raw_bytes;
@@ -1620,6 +1661,48 @@ mod tests {
         .await
         .expect("precopy");
         (rounds, end)
+    }
+
+    #[tokio::test]
+    async fn the_cutover_sends_the_volumes_chunked_beside_the_dump_in_one_final_sync() {
+        let (rt, _u) = fake_rt(None);
+        let vol = tempfile::tempdir().expect("tmp");
+        std::fs::write(vol.path().join("data"), vec![3u8; 300_000]).expect("write");
+        let out = tempfile::tempdir().expect("tmp");
+        let store =
+            std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
+        let moves = tokio::sync::Mutex::new(crate::volumes::Moves::of_dirs(vec![(
+            "rw-0".into(),
+            vol.path().to_path_buf(),
+            false,
+        )]));
+        let chunks = test_side(&store, &moves);
+        let (tx, _rx) = mpsc::channel(64);
+        let (mut phases, mut rounds) = (Vec::new(), Vec::new());
+        let mut dst = FakeDest::default();
+        cutover(
+            &rt,
+            &mut dst,
+            &chunks,
+            "m1",
+            &record(),
+            None,
+            out.path(),
+            &tx,
+            &mut phases,
+            &mut rounds,
+        )
+        .await
+        .expect("cutover");
+        assert_eq!(dst.rounds, 1, "one final sync");
+        for f in ["pages-1.img", "rootfs.tar", "rw-0"] {
+            assert!(
+                dst.files.iter().any(|x| x == f),
+                "{f} missing: {:?}",
+                dst.files
+            );
+        }
+        assert!(dst.restored);
     }
 
     #[tokio::test]
