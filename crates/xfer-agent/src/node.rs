@@ -63,6 +63,8 @@ struct Inbound {
     touched: Instant,
     /// Files rebuilt by earlier rounds (patched, not rewritten, by the next).
     rebuilt: Arc<std::sync::Mutex<crate::sync::Rebuilt>>,
+    /// A pre-copy round's rebuild still running (the next round awaits it).
+    pending_rebuild: Option<tokio::task::JoinHandle<()>>,
     /// Read-only named volumes this node already holds with the digest the source
     /// offered: not fetched, not installed.
     present_volumes: std::collections::BTreeSet<String>,
@@ -252,9 +254,13 @@ impl Node {
     }
 
     async fn cleanup_inbound(&self, migration_id: &str) {
-        let Some(inb) = self.inbound.lock().await.remove(migration_id) else {
+        let Some(mut inb) = self.inbound.lock().await.remove(migration_id) else {
             return;
         };
+        // A deferred rebuild still writing into the directory ends before it goes.
+        if let Some(h) = inb.pending_rebuild.take() {
+            let _ = h.await;
+        }
         if let Some(l) = inb.lease {
             images::end_lease(&self.rt, l).await;
         }
@@ -422,16 +428,49 @@ impl Node {
         let fetch_micros = t.elapsed().as_micros() as u64;
         // Every round rebuilds (patches) the files, so the final round only writes what
         // changed since the last one.
+        // Rebuilds patch in round order: the previous round's, if it was deferred,
+        // ends first.
+        let pending = self
+            .inbound
+            .lock()
+            .await
+            .get_mut(&r.migration_id)
+            .and_then(|i| i.pending_rebuild.take());
+        if let Some(h) = pending {
+            let _ = h.await;
+        }
         let t = Instant::now();
         let (st, d, objs) = (store.clone(), dir.clone(), objects.clone());
-        let built = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let mut done = rebuilt
                 .lock()
                 .map_err(|_| AgentError::Refused("rebuild state poisoned".into()))?;
             crate::sync::rebuild(&st, &d, &objs, &mut done)
-        })
-        .await
-        .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??;
+        });
+        // A pre-copy round's files are only the base the next round patches: the reply
+        // goes as soon as the chunks are here, and the rebuild runs while the source
+        // goes on (into its cut-over: freeze and dump take longer than a rebuild).
+        // Image blobs (installed from the rebuilt files) and the final round wait.
+        let defer =
+            !r.r#final && r.round >= 1 && !objects.iter().any(|o| o.kind == FileKind::ImageBlob);
+        let built = if defer {
+            let mid = r.migration_id.clone();
+            let h = tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(_)) => {}
+                    // The next round rebuilds what this one did not (and verifies).
+                    Ok(Err(e)) => warn!(migration = %mid, error = %e, "deferred rebuild failed"),
+                    Err(e) => warn!(migration = %mid, error = %e, "deferred rebuild task failed"),
+                }
+            });
+            if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
+                i.pending_rebuild = Some(h);
+            }
+            Vec::new()
+        } else {
+            task.await
+                .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??
+        };
         let rebuild_micros = t.elapsed().as_micros() as u64;
         persist.done().await?;
         let blobs = crate::layers::blob_files(&built, &objects);
@@ -1280,6 +1319,7 @@ impl Agent for Node {
                 fetcher: None,
                 touched: Instant::now(),
                 rebuilt: Arc::default(),
+                pending_rebuild: None,
                 present_volumes: Default::default(),
             },
         );
