@@ -178,6 +178,43 @@ impl TestLab {
             .unwrap_or_else(|e| panic!("import {kind} into {host}: {}", chain(&e)));
     }
 
+    /// Writes a `--kb-config` naming the agents of `hosts` (`"hosts"`: their
+    /// endpoints), from `base` with `extra` merged in. Returns its directory (removed
+    /// when dropped) and path.
+    pub fn kb_config(
+        &self,
+        hosts: &[&str],
+        base: serde_json::Value,
+        extra: serde_json::Value,
+    ) -> (tempfile::TempDir, PathBuf) {
+        let endpoints: serde_json::Map<String, serde_json::Value> = hosts
+            .iter()
+            .map(|h| {
+                let ep = self.lab.host(h).expect("host").endpoint.clone();
+                (h.to_string(), serde_json::Value::String(ep))
+            })
+            .collect();
+        let mut cfg = base;
+        if let Some(c) = cfg.as_object_mut() {
+            c.insert("hosts".into(), serde_json::Value::Object(endpoints));
+            if let Some(e) = extra.as_object() {
+                c.extend(e.clone());
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kb.json");
+        std::fs::write(&path, cfg.to_string()).expect("write kb.json");
+        (dir, path)
+    }
+
+    /// Restarts `host`'s agent with the knowledge-base configuration `cfg`.
+    pub async fn restart_with_kb(&mut self, host: &str, cfg: &std::path::Path) {
+        std::env::set_var("XFER_KB_CONFIG", cfg);
+        let res = xfer_lab::restart_agent(&mut self.lab, host).await;
+        std::env::remove_var("XFER_KB_CONFIG");
+        res.unwrap_or_else(|e| panic!("restart {host}: {}", chain(&e)));
+    }
+
     /// Runs a program in the client namespace; returns stdout, panics on failure.
     pub fn client_exec(&self, args: &[&str]) -> String {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();

@@ -145,28 +145,13 @@ async fn scenario_checked<F: std::future::Future<Output = ()>>(
     extra: serde_json::Value,
     in_store: Option<&dyn Fn(Ipv4Addr) -> F>,
 ) {
-    let hosts = ["h1", "h2", "h3"];
-    let endpoints: serde_json::Map<String, serde_json::Value> = hosts
-        .iter()
-        .map(|h| {
-            let ep = lab.lab.host(h).expect("host").endpoint.clone();
-            (h.to_string(), serde_json::Value::String(ep))
-        })
-        .collect();
-    let mut cfg = serde_json::json!({
-        "mode": "central_push", "kb": "h3", "hosts": endpoints, "bindings_full_secs": 5,
-    });
-    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
-        c.extend(e.clone());
-    }
-    let cfg_dir = tempfile::tempdir().expect("tempdir");
-    let cfg_path = cfg_dir.path().join("kb.json");
-    std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
-    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
+    let (_cfg_dir, cfg_path) = lab.kb_config(
+        &["h1", "h2", "h3"],
+        serde_json::json!({"mode": "central_push", "kb": "h3", "bindings_full_secs": 5}),
+        extra,
+    );
     for h in ["h3", "h1", "h2"] {
-        xfer_lab::restart_agent(&mut lab.lab, h)
-            .await
-            .unwrap_or_else(|e| panic!("restart {h}: {}", chain(&e)));
+        lab.restart_with_kb(h, &cfg_path).await;
     }
 
     let home = lab.start_routed_redis("h1", "redis", 1, false).await;
@@ -232,10 +217,7 @@ async fn scenario_checked<F: std::future::Future<Output = ()>>(
     assert!(state.exists(), "{} is missing", state.display());
     let recovered_before = log_count(&*lab, "h1", "binding recovered from the knowledge base");
     std::fs::remove_file(&state).expect("delete the binding cache file");
-    xfer_lab::restart_agent(&mut lab.lab, "h1")
-        .await
-        .unwrap_or_else(|e| panic!("restart h1: {}", chain(&e)));
-    std::env::remove_var("XFER_KB_CONFIG");
+    lab.restart_with_kb("h1", &cfg_path).await;
     assert_eq!(
         log_count(&*lab, "h1", "binding recovered from the knowledge base"),
         recovered_before + 1,
@@ -276,11 +258,7 @@ async fn scenario_checked<F: std::future::Future<Output = ()>>(
 
     // Again with an unreadable file: moved aside, the binding recovered again.
     std::fs::write(&state, b"{not json").expect("corrupt the binding cache file");
-    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
-    xfer_lab::restart_agent(&mut lab.lab, "h1")
-        .await
-        .unwrap_or_else(|e| panic!("restart h1: {}", chain(&e)));
-    std::env::remove_var("XFER_KB_CONFIG");
+    lab.restart_with_kb("h1", &cfg_path).await;
     assert_eq!(
         log_count(&*lab, "h1", "binding recovered from the knowledge base"),
         recovered_before + 2,

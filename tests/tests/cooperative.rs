@@ -97,27 +97,10 @@ async fn shaped_lab(tag: &str, hosts: &[&str]) -> TestLab {
 /// Restarts the agents of `hosts` with the knowledge base of on-line queries, `extra`
 /// merged into its configuration, and imports busybox.
 async fn configure_kb(lab: &mut TestLab, hosts: &[&str], extra: serde_json::Value) {
-    let endpoints: serde_json::Map<String, serde_json::Value> = hosts
-        .iter()
-        .map(|h| {
-            let ep = lab.lab.host(h).expect("host").endpoint.clone();
-            (h.to_string(), serde_json::Value::String(ep))
-        })
-        .collect();
-    let mut cfg = serde_json::json!({"mode": "online_query", "hosts": endpoints});
-    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
-        c.extend(e.clone());
-    }
-    let cfg_dir = tempfile::tempdir().expect("tempdir");
-    let cfg_path = cfg_dir.path().join("kb.json");
-    std::fs::write(&cfg_path, cfg.to_string()).expect("write kb.json");
-    std::env::set_var("XFER_KB_CONFIG", &cfg_path);
+    let (_dir, cfg_path) = lab.kb_config(hosts, serde_json::json!({"mode": "online_query"}), extra);
     for h in hosts {
-        xfer_lab::restart_agent(&mut lab.lab, h)
-            .await
-            .unwrap_or_else(|e| panic!("restart {h}: {}", chain(&e)));
+        lab.restart_with_kb(h, &cfg_path).await;
     }
-    std::env::remove_var("XFER_KB_CONFIG");
     for h in hosts {
         lab.import(h, "busybox").await;
     }

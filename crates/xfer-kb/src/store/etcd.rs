@@ -124,6 +124,17 @@ fn codec(what: &'static str) -> impl Fn(serde_json::Error) -> KbError {
 }
 
 impl EtcdStore {
+    /// A new lease of `ttl` seconds; its id.
+    async fn grant(&self, ttl: i64) -> Result<i64, KbError> {
+        Ok(self
+            .client
+            .clone()
+            .lease_grant(ttl, None)
+            .await
+            .map_err(etcd("lease grant"))?
+            .id())
+    }
+
     /// Connects to etcd.
     pub async fn connect(cfg: EtcdConfig) -> Result<Self, KbError> {
         let client = Client::connect(&cfg.endpoints, None)
@@ -245,13 +256,7 @@ impl EtcdStore {
                 return Ok(verdict);
             }
             let ttl = i64::try_from(b.remaining_secs(now).max(1)).unwrap_or(i64::MAX);
-            let lease = self
-                .client
-                .clone()
-                .lease_grant(ttl, None)
-                .await
-                .map_err(etcd("lease grant"))?
-                .id();
+            let lease = self.grant(ttl).await?;
             let json = serde_json::to_vec(&StoredBinding {
                 record: b.clone(),
                 lease,
@@ -451,13 +456,7 @@ impl KbStore for EtcdStore {
     async fn replace(&self, inv: &FullInventory, now: Timestamp) -> Result<(), KbError> {
         let old = self.stored(&inv.host).await?;
         let ttl = self.cfg.lease_ttl.as_secs().max(1) as i64;
-        let lease = self
-            .client
-            .clone()
-            .lease_grant(ttl, None)
-            .await
-            .map_err(etcd("lease grant"))?
-            .id();
+        let lease = self.grant(ttl).await?;
         let mut ops: Vec<TxnOp> = inv
             .digests
             .iter()
