@@ -225,6 +225,7 @@ pub async fn send<D: Destination>(
             r#final: false,
             objects,
             chunk_endpoint: node.cfg.advertise.clone(),
+            overlap_micros: 0,
         })
         .await;
     persist.done().await?;

@@ -662,7 +662,11 @@ impl VolumesAhead {
 }
 
 /// Chunks `files` and the volumes (`volumes`, if already started; else now) into the
-/// store (on blocking threads) and has the destination fetch what it lacks. Returns (publish time, the destination's reply).
+/// store (on blocking threads) and has the destination fetch what it lacks; a
+/// pre-copy round may be answered once what is left would take at most `overlap`
+/// (see `SyncRequest.overlap_micros`). Returns (publish time, the destination's
+/// reply).
+#[allow(clippy::too_many_arguments)]
 async fn publish_and_sync<D: Destination>(
     chunks: &ChunkSide<'_>,
     dst: &mut D,
@@ -671,6 +675,7 @@ async fn publish_and_sync<D: Destination>(
     last: bool,
     files: Vec<OutFile>,
     volumes: Option<VolumesAhead>,
+    overlap: std::time::Duration,
 ) -> Result<(std::time::Duration, crate::sync::Published, SyncReply), AgentError> {
     let t = Instant::now();
     let volumes = match volumes {
@@ -710,6 +715,7 @@ async fn publish_and_sync<D: Destination>(
             r#final: last,
             objects: manifests,
             chunk_endpoint: chunks.endpoint.to_string(),
+            overlap_micros: if last { 0 } else { overlap.as_micros() as u64 },
         })
         .await;
     persist.done().await?;
@@ -855,11 +861,27 @@ pub async fn precopy<R: Runtime, D: Destination>(
             (0, Vec::new())
         };
         let dump_time = t.elapsed();
-        let (chunk_time, _, reply) = publish_and_sync(chunks, dst, mid, round, false, files, None)
-            .await
-            .map_err(|e| (Step::Transfer, e))?;
+        // The destination may answer before the last chunks are in, so that the next
+        // round's (or the cut-over's) dump runs while they arrive: about as long as
+        // this round's dump took.
+        let overlap = if memory {
+            dump_time
+        } else {
+            std::time::Duration::ZERO
+        };
+        let (chunk_time, _, reply) =
+            publish_and_sync(chunks, dst, mid, round, false, files, None, overlap)
+                .await
+                .map_err(|e| (Step::Transfer, e))?;
         let _ = std::fs::remove_dir_all(&dir);
-        end.wire += reply.wire_bytes;
+        end.wire += reply.wire_bytes + apply_tail(rounds, reply.tail.as_ref());
+        if reply.pending_chunks > 0 {
+            info!(
+                round,
+                pending_chunks = reply.pending_chunks,
+                "the destination answered before its last chunks: they arrive during the next step"
+            );
+        }
         let rep = RoundReport {
             round,
             dump_micros: dump_time.as_micros() as u64,
@@ -911,6 +933,22 @@ pub async fn precopy<R: Runtime, D: Destination>(
     Ok(end)
 }
 
+/// Completes the report of the round that `tail` finishes (it had answered before
+/// its fetch ended) with its whole figures; returns the bytes that adds.
+pub fn apply_tail(rounds: &mut [RoundReport], tail: Option<&xfer_proto::v1::RoundTail>) -> u64 {
+    let Some(t) = tail else { return 0 };
+    let Some(r) = rounds.iter_mut().find(|r| r.round == t.round) else {
+        warn!(round = t.round, "a round's tail for a round not reported");
+        return 0;
+    };
+    let extra = t.wire_bytes.saturating_sub(r.delta_wire_bytes);
+    r.delta_wire_bytes = r.delta_wire_bytes.max(t.wire_bytes);
+    r.delta_raw_bytes = r.delta_raw_bytes.max(t.raw_bytes);
+    r.sync_micros = r.sync_micros.max(t.fetch_micros);
+    r.sources = t.sources.clone();
+    extra
+}
+
 /// The rate the migration source alone delivered in a round (its bytes over the
 /// round's fetch time), or `overall` if it served too little to tell.
 fn source_rate(reply: &SyncReply, overall: f64) -> f64 {
@@ -935,7 +973,8 @@ const DIRECT_DIFF_MAX: u64 = 4 << 20;
 pub struct CutoverEnd {
     /// Freeze -> restored task running at the destination.
     pub downtime_us: u64,
-    /// Bytes the destination fetched in the final round.
+    /// Bytes the destination fetched in the final round (and the rest of the last
+    /// pre-copy round, if that answered before its fetch ended).
     pub wire: u64,
     pub pid: u32,
     /// Post-copy: memory the destination took from the page server, and how long from
@@ -1077,10 +1116,20 @@ pub async fn cutover<R: Runtime, D: Destination>(
             files.push(diff);
             sync_files = files;
         }
-        let (chunk_time, _, reply) =
-            publish_and_sync(chunks, dst, mid, round, true, sync_files, Some(volumes))
-                .await
-                .map_err(|e| (Step::Transfer, e))?;
+        let (chunk_time, _, reply) = publish_and_sync(
+            chunks,
+            dst,
+            mid,
+            round,
+            true,
+            sync_files,
+            Some(volumes),
+            std::time::Duration::ZERO,
+        )
+        .await
+        .map_err(|e| (Step::Transfer, e))?;
+        // The rest of the last pre-copy round, if it answered early.
+        let earlier_wire = apply_tail(rounds, reply.tail.as_ref());
         report.chunk_micros += chunk_time.as_micros() as u64;
         report.sync_micros += reply.fetch_micros + reply.rebuild_micros;
         report.delta_raw_bytes += reply.raw_bytes;
@@ -1131,7 +1180,7 @@ pub async fn cutover<R: Runtime, D: Destination>(
         for p in &restored.phases {
             emit(tx, p, phases).await;
         }
-        Ok::<_, (Step, AgentError)>((final_wire, restored.pid))
+        Ok::<_, (Step, AgentError)>((final_wire + earlier_wire, restored.pid))
     }
     .await;
 
@@ -1362,6 +1411,13 @@ mod tests {
         /// (the task writes to its volume meanwhile).
         write_during: Option<(PathBuf, usize)>,
         rounds: u32,
+        /// Each sync's `overlap_micros`.
+        overlaps: Vec<u64>,
+        /// Pre-copy rounds answer early: half their delta, the rest in the next
+        /// reply's tail.
+        early: bool,
+        /// (round, whole delta) of the last round that answered early.
+        owed: Option<(u32, u64)>,
     }
 
     impl Destination for FakeDest {
@@ -1372,10 +1428,31 @@ mod tests {
             let objects = crate::sync::decode_objects(&req.objects)?;
             self.files.extend(objects.iter().map(|o| o.name.clone()));
             self.rounds += 1;
+            self.overlaps.push(req.overlap_micros);
             if let Some((path, n)) = &self.write_during {
                 std::fs::write(path, vec![self.rounds as u8; *n]).expect("write");
             }
-            let wire = self.delta.unwrap_or(1);
+            let whole = self.delta.unwrap_or(1);
+            let tail = self
+                .owed
+                .take()
+                .map(|(round, wire_bytes)| xfer_proto::v1::RoundTail {
+                    round,
+                    chunks: 2,
+                    wire_bytes,
+                    raw_bytes: wire_bytes,
+                    fetch_micros: 1_200_000,
+                    sources: vec![xfer_proto::v1::SourceBytes {
+                        source: "h3".into(),
+                        chunks: 2,
+                        wire_bytes,
+                    }],
+                });
+            let early = self.early && !req.r#final;
+            let wire = if early { whole / 2 } else { whole };
+            if early {
+                self.owed = Some((req.round, whole));
+            }
             Ok(SyncReply {
                 chunks: 1,
                 wire_bytes: wire,
@@ -1385,6 +1462,8 @@ mod tests {
                     chunks: 1,
                     wire_bytes: wire,
                 }],
+                pending_chunks: u64::from(early),
+                tail,
                 ..Default::default()
             })
         }
@@ -1450,6 +1529,15 @@ mod tests {
         dst: &mut FakeDest,
         lazy_at: Option<std::net::SocketAddr>,
     ) -> Result<CutoverEnd, (Step, AgentError)> {
+        run_cutover_with(rt, dst, lazy_at, &mut Vec::new()).await
+    }
+
+    async fn run_cutover_with(
+        rt: &FakeRuntime,
+        dst: &mut FakeDest,
+        lazy_at: Option<std::net::SocketAddr>,
+        rounds: &mut Vec<RoundReport>,
+    ) -> Result<CutoverEnd, (Step, AgentError)> {
         let out = tempfile::tempdir().expect("tmp");
         let store =
             std::sync::Arc::new(xfer_store::Store::open(out.path().join("store")).expect("store"));
@@ -1457,7 +1545,6 @@ mod tests {
         let chunks = test_side(&store, &moves);
         let (tx, _rx) = mpsc::channel(64);
         let mut phases = Vec::new();
-        let mut rounds = Vec::new();
         cutover(
             rt,
             dst,
@@ -1468,7 +1555,7 @@ mod tests {
             out.path(),
             &tx,
             &mut phases,
-            &mut rounds,
+            rounds,
         )
         .await
     }
@@ -1738,6 +1825,76 @@ mod tests {
         };
         let (rounds, end) = run_precopy(&mut dst, vol.path()).await;
         assert!(rounds.len() >= 2, "{:?}", end.why);
+    }
+
+    #[tokio::test]
+    async fn rounds_ask_to_overlap_their_dump_and_early_answers_are_completed() {
+        // Every pre-copy round answers with half its delta and the rest comes with
+        // the next reply: the reports and the byte count end up whole.
+        let vol = tempfile::tempdir().expect("tmp");
+        let mut dst = FakeDest {
+            delta: Some(100_000_000),
+            write_during: Some((vol.path().join("hot"), 20_000_000)),
+            early: true,
+            ..Default::default()
+        };
+        let (rounds, end) = run_precopy(&mut dst, vol.path()).await;
+        let n = rounds.len();
+        assert!(n >= 2, "{:?}", end.why);
+        // Each round asked for its own dump time as the overlap.
+        let asked: Vec<u64> = rounds.iter().map(|r| r.dump_micros).collect();
+        assert_eq!(dst.overlaps, asked);
+        // Rounds 1..n-1 were completed by the next round's reply; the last one is
+        // still owed (the cut-over's reply completes it, below).
+        for r in &rounds[..n - 1] {
+            assert_eq!(r.delta_wire_bytes, 100_000_000, "round {}", r.round);
+            assert_eq!(r.sync_micros, 1_200_000);
+            assert_eq!(r.sources[0].source, "h3");
+        }
+        assert_eq!(rounds[n - 1].delta_wire_bytes, 50_000_000);
+        assert_eq!(end.wire, 100_000_000 * (n as u64 - 1) + 50_000_000);
+        let mut rounds = rounds;
+        let owed = dst
+            .owed
+            .map(|(round, wire_bytes)| xfer_proto::v1::RoundTail {
+                round,
+                wire_bytes,
+                ..Default::default()
+            });
+        assert_eq!(apply_tail(&mut rounds, owed.as_ref()), 50_000_000);
+        assert_eq!(rounds[n - 1].delta_wire_bytes, 100_000_000);
+        // A tail for a round never reported adds nothing.
+        let stray = xfer_proto::v1::RoundTail {
+            round: 99,
+            wire_bytes: 5,
+            ..Default::default()
+        };
+        assert_eq!(apply_tail(&mut rounds, Some(&stray)), 0);
+    }
+
+    #[tokio::test]
+    async fn the_cutover_asks_no_overlap_and_completes_the_last_round() {
+        let vol = tempfile::tempdir().expect("tmp");
+        let mut dst = FakeDest {
+            delta: Some(1_000),
+            early: true,
+            ..Default::default()
+        };
+        let (mut rounds, _) = run_precopy(&mut dst, vol.path()).await;
+        let last = rounds.len() - 1;
+        assert_eq!(rounds[last].delta_wire_bytes, 500);
+        let (rt, _u) = fake_rt(None);
+        let end = run_cutover_with(&rt, &mut dst, None, &mut rounds)
+            .await
+            .expect("cut-over");
+        assert_eq!(
+            dst.overlaps.last(),
+            Some(&0),
+            "the final sync asks no overlap"
+        );
+        assert_eq!(rounds[last].delta_wire_bytes, 1_000);
+        // The final round's 1000 bytes plus the 500 the last round still owed.
+        assert_eq!(end.wire, 1_000 + 500);
     }
 }
 

@@ -22,6 +22,9 @@ use crate::error::AgentError;
 use crate::images;
 use crate::transfer::{InFile, Receiver};
 
+mod stage;
+mod tail;
+
 /// How a node is set up.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -63,8 +66,11 @@ struct Inbound {
     touched: Instant,
     /// Files rebuilt by earlier rounds (patched, not rewritten, by the next).
     rebuilt: Arc<std::sync::Mutex<crate::sync::Rebuilt>>,
-    /// A pre-copy round's rebuild still running (the next round awaits it).
-    pending_rebuild: Option<tokio::task::JoinHandle<()>>,
+    /// A pre-copy round's rebuild still running, after its fetch if it replied early
+    /// (the next round awaits it).
+    pending: Option<tail::Pending>,
+    /// Read-write volumes unpacked ahead of the restore.
+    stages: Arc<stage::Stages>,
     /// Read-only named volumes this node already holds with the digest the source
     /// offered: not fetched, not installed.
     present_volumes: std::collections::BTreeSet<String>,
@@ -257,10 +263,13 @@ impl Node {
         let Some(mut inb) = self.inbound.lock().await.remove(migration_id) else {
             return;
         };
-        // A deferred rebuild still writing into the directory ends before it goes.
-        if let Some(h) = inb.pending_rebuild.take() {
-            let _ = h.await;
+        // A round's tail fetch stops, and a deferred rebuild still writing into the
+        // directory ends, before it goes.
+        if let Some(p) = inb.pending.take() {
+            p.cancel.notify_one();
+            let _ = p.task.await;
         }
+        inb.stages.wait_all().await;
         if let Some(l) = inb.lease {
             images::end_lease(&self.rt, l).await;
         }
@@ -285,6 +294,84 @@ impl Node {
     ) -> Result<Arc<dyn crate::chunks::ChunkPeer>, AgentError> {
         let ch = crate::migrate::open_channel(endpoint, self.cfg.tls.as_ref()).await?;
         Ok(Arc::new(crate::chunks::GrpcPeer::new(endpoint, ch)))
+    }
+
+    /// The migration's fetcher (`existing`, or a new one from the request's source
+    /// and, with a knowledge base, every neighbour), kept for its later rounds.
+    async fn fetcher_for(
+        &self,
+        r: &SyncRequest,
+        existing: Option<Arc<crate::chunks::Fetcher<xfer_store::Store>>>,
+    ) -> Result<Arc<crate::chunks::Fetcher<xfer_store::Store>>, AgentError> {
+        if let Some(f) = existing {
+            return Ok(f);
+        }
+        if let Some(f) = self
+            .inbound
+            .lock()
+            .await
+            .get(&r.migration_id)
+            .and_then(|i| i.fetcher.clone())
+        {
+            return Ok(f);
+        }
+        let peer = self.chunk_peer(&r.chunk_endpoint).await?;
+        let mut f =
+            crate::chunks::Fetcher::new(self.store.clone(), crate::chunks::FALLBACK_NAME, peer);
+        if let Some(kb) = &self.kb {
+            kb.add_sources(&mut f, &r.chunk_endpoint);
+            let cfg = kb.fetch_config(f.config().clone());
+            f = f.with_config(cfg);
+        }
+        let f = Arc::new(f);
+        if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
+            inb.fetcher = Some(f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Each of `missing` with its candidate sources: the knowledge base's plan (which
+    /// also primes the fetcher's view of the sources), or the source alone.
+    async fn wants_for(
+        &self,
+        r: &SyncRequest,
+        missing: &[xfer_store::Digest],
+        moving: &xfer_kb::Moving,
+        fetcher: &crate::chunks::Fetcher<xfer_store::Store>,
+    ) -> Vec<crate::chunks::Want> {
+        match &self.kb {
+            Some(kb) => {
+                let plan = kb.plan(missing, moving, &r.chunk_endpoint).await;
+                info!(
+                    migration = %r.migration_id,
+                    round = r.round,
+                    chunks = missing.len(),
+                    from_neighbours = plan.wants.iter().filter(|w| !w.sources.is_empty()).count(),
+                    ask_micros = plan.ask_micros,
+                    "knowledge base asked"
+                );
+                fetcher.set_priors(crate::kb::Kb::priors(&plan));
+                plan.wants
+            }
+            None => missing
+                .iter()
+                .map(|id| crate::chunks::Want::from_fallback(*id))
+                .collect(),
+        }
+    }
+
+    /// Fetches `wants` to the end and tells the knowledge base what is here now.
+    async fn fetch_all(
+        &self,
+        fetcher: &crate::chunks::Fetcher<xfer_store::Store>,
+        wants: &[crate::chunks::Want],
+        missing: &[xfer_store::Digest],
+    ) -> Result<crate::chunks::FetchReport, AgentError> {
+        let report = fetcher.fetch(wants).await.map_err(AgentError::Fetch)?;
+        if let Some(kb) = &self.kb {
+            kb.fetched(missing, &report);
+        }
+        Ok(report)
     }
 
     /// Drops from `objects` the read-only named volumes (`ro-NAME`) this node already
@@ -322,7 +409,7 @@ impl Node {
         if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
             i.touched = Instant::now();
         }
-        let (dir, fetcher, rebuilt, moving) = {
+        let (dir, fetcher, rebuilt, moving, stages) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&r.migration_id).ok_or_else(|| {
                 AgentError::Refused(format!("no migration {} prepared here", r.migration_id))
@@ -347,6 +434,7 @@ impl Node {
                 inb.fetcher.clone(),
                 inb.rebuilt.clone(),
                 moving,
+                inb.stages.clone(),
             )
         };
         let mut r = r;
@@ -375,100 +463,169 @@ impl Node {
             ms = t.elapsed().as_secs_f64() * 1000.0,
             "decoded, leased, looked up"
         );
+        // Ids an earlier round is still fetching (it replied early) are not asked for
+        // again: this round awaits that fetch below, after fetching the rest.
+        let mut missing = missing;
+        let earlier_ids = self
+            .inbound
+            .lock()
+            .await
+            .get(&r.migration_id)
+            .and_then(|i| i.pending.as_ref().map(|p| p.ids.clone()));
+        if let Some(ids) = &earlier_ids {
+            missing.retain(|id| !ids.contains(id));
+        }
+        let has_blobs = objects.iter().any(|o| o.kind == FileKind::ImageBlob);
+        // A pre-copy round's files are only the base the next round patches: the reply
+        // goes as soon as the chunks are here (or, asked to overlap, once what is left
+        // is short), and the rebuild runs while the source goes on (into its cut-over:
+        // freeze and dump take longer than a rebuild). Image blobs (installed from the
+        // rebuilt files) and the final round wait.
+        let defer = !r.r#final && r.round >= 1 && !has_blobs;
+        let overlap = (defer && r.overlap_micros > 0)
+            .then(|| std::time::Duration::from_micros(r.overlap_micros).min(tail::MAX_OVERLAP));
         let t = Instant::now();
-        let report = if missing.is_empty() {
+        let mut early: Option<tail::Early> = None;
+        let mut report = if missing.is_empty() {
             crate::chunks::FetchReport::default()
         } else {
-            let fetcher = match fetcher {
-                Some(f) => f,
-                None => {
-                    let peer = self.chunk_peer(&r.chunk_endpoint).await?;
-                    let mut f = crate::chunks::Fetcher::new(
-                        store.clone(),
-                        crate::chunks::FALLBACK_NAME,
-                        peer,
-                    );
-                    if let Some(kb) = &self.kb {
-                        kb.add_sources(&mut f, &r.chunk_endpoint);
-                        let cfg = kb.fetch_config(f.config().clone());
-                        f = f.with_config(cfg);
+            let fetcher = self.fetcher_for(&r, fetcher).await?;
+            let wants = self.wants_for(&r, &missing, &moving, &fetcher).await;
+            match overlap {
+                None => self.fetch_all(&fetcher, &wants, &missing).await?,
+                Some(overlap) => {
+                    let progress = Arc::new(crate::chunks::Progress::default());
+                    let (f, p) = (fetcher.clone(), progress.clone());
+                    let mut task = tokio::spawn(async move { f.fetch_observed(&wants, p).await });
+                    match tail::watch(&fetcher, &mut task, overlap).await {
+                        tail::Watched::Done(res) => {
+                            let rep = res.map_err(AgentError::Fetch)?;
+                            if let Some(kb) = &self.kb {
+                                kb.fetched(&missing, &rep);
+                            }
+                            rep
+                        }
+                        tail::Watched::Early { eta } => {
+                            let now = progress.get();
+                            info!(
+                                migration = %r.migration_id,
+                                round = r.round,
+                                left = now.remaining,
+                                eta_ms = eta.as_secs_f64() * 1000.0,
+                                overlap_ms = overlap.as_secs_f64() * 1000.0,
+                                "replying before the fetch ends: the source's next step overlaps the tail"
+                            );
+                            let rep = tail::partial(&now);
+                            early = Some(tail::Early {
+                                task,
+                                progress,
+                                ids: missing.clone(),
+                                started: t,
+                            });
+                            rep
+                        }
                     }
-                    let f = Arc::new(f);
-                    if let Some(inb) = self.inbound.lock().await.get_mut(&r.migration_id) {
-                        inb.fetcher = Some(f.clone());
-                    }
-                    f
                 }
-            };
-            let wants: Vec<crate::chunks::Want> = match &self.kb {
-                Some(kb) => {
-                    let plan = kb.plan(&missing, &moving, &r.chunk_endpoint).await;
-                    info!(
-                        migration = %r.migration_id,
-                        round = r.round,
-                        chunks = missing.len(),
-                        from_neighbours = plan.wants.iter().filter(|w| !w.sources.is_empty()).count(),
-                        ask_micros = plan.ask_micros,
-                        "knowledge base asked"
-                    );
-                    fetcher.set_priors(crate::kb::Kb::priors(&plan));
-                    plan.wants
-                }
-                None => missing
-                    .iter()
-                    .map(|id| crate::chunks::Want::from_fallback(*id))
-                    .collect(),
-            };
-            let report = fetcher.fetch(&wants).await.map_err(AgentError::Fetch)?;
-            if let Some(kb) = &self.kb {
-                kb.fetched(&missing, &report);
             }
-            report
         };
-        let fetch_micros = t.elapsed().as_micros() as u64;
-        // Every round rebuilds (patches) the files, so the final round only writes what
-        // changed since the last one.
+        let mut fetch_micros = t.elapsed().as_micros() as u64;
         // Rebuilds patch in round order: the previous round's, if it was deferred,
-        // ends first.
-        let pending = self
+        // ends first (and, if it replied early, its fetch: its figures go back in
+        // this reply).
+        let prev = self
             .inbound
             .lock()
             .await
             .get_mut(&r.migration_id)
-            .and_then(|i| i.pending_rebuild.take());
-        if let Some(h) = pending {
-            let _ = h.await;
+            .and_then(|i| i.pending.take());
+        let mut round_tail = None;
+        if let Some(p) = prev {
+            let waited = Instant::now();
+            let refetch = match p.task.await {
+                Ok(Ok(t)) => {
+                    round_tail = t;
+                    false
+                }
+                Ok(Err(e)) => {
+                    warn!(migration = %r.migration_id, error = %e, "an earlier round's tail failed; fetching what it left");
+                    true
+                }
+                Err(e) => {
+                    warn!(migration = %r.migration_id, error = %e, "an earlier round's tail task failed; fetching what it left");
+                    true
+                }
+            };
+            if refetch {
+                let again = store.missing(&ids);
+                if !again.is_empty() {
+                    let fetcher = self.fetcher_for(&r, None).await?;
+                    let wants = self.wants_for(&r, &again, &moving, &fetcher).await;
+                    let more = self.fetch_all(&fetcher, &wants, &again).await?;
+                    tail::absorb(&mut report, &more);
+                }
+            }
+            debug!(
+                ms = waited.elapsed().as_secs_f64() * 1000.0,
+                "earlier round's tail awaited"
+            );
+            fetch_micros = t.elapsed().as_micros() as u64;
         }
         let t = Instant::now();
         let (st, d, objs) = (store.clone(), dir.clone(), objects.clone());
-        let task = tokio::task::spawn_blocking(move || {
+        let rebuild = move || {
             let mut done = rebuilt
                 .lock()
                 .map_err(|_| AgentError::Refused("rebuild state poisoned".into()))?;
             crate::sync::rebuild(&st, &d, &objs, &mut done)
-        });
-        // A pre-copy round's files are only the base the next round patches: the reply
-        // goes as soon as the chunks are here, and the rebuild runs while the source
-        // goes on (into its cut-over: freeze and dump take longer than a rebuild).
-        // Image blobs (installed from the rebuilt files) and the final round wait.
-        let defer =
-            !r.r#final && r.round >= 1 && !objects.iter().any(|o| o.kind == FileKind::ImageBlob);
+        };
+        let pending_chunks = early.as_ref().map_or(0, |e| e.progress.get().remaining);
         let built = if defer {
+            // The round's volumes, once all their chunks are here, are unpacked ahead
+            // of the restore.
+            let stage_objects = objects.clone();
+            if early.is_none() {
+                stages.start(&store, &dir, &stage_objects);
+            }
+            let (stage_store, stage_dir) = (store.clone(), dir.clone());
             let mid = r.migration_id.clone();
+            let round = r.round;
+            let node = self.clone();
+            let cancel = Arc::new(tokio::sync::Notify::new());
+            let ids: Arc<std::collections::HashSet<xfer_store::Digest>> = Arc::new(
+                early
+                    .as_ref()
+                    .map(|e| e.ids.iter().copied().collect())
+                    .unwrap_or_default(),
+            );
+            let stop = cancel.clone();
             let h = tokio::spawn(async move {
-                match task.await {
+                let round_tail = match early {
+                    None => None,
+                    Some(e) => {
+                        let t = tail::finish(&node, round, e, &stop).await?;
+                        stages.start(&stage_store, &stage_dir, &stage_objects);
+                        Some(t)
+                    }
+                };
+                match tokio::task::spawn_blocking(rebuild).await {
                     Ok(Ok(_)) => {}
                     // The next round rebuilds what this one did not (and verifies).
                     Ok(Err(e)) => warn!(migration = %mid, error = %e, "deferred rebuild failed"),
                     Err(e) => warn!(migration = %mid, error = %e, "deferred rebuild task failed"),
                 }
+                Ok(round_tail)
             });
             if let Some(i) = self.inbound.lock().await.get_mut(&r.migration_id) {
-                i.pending_rebuild = Some(h);
+                i.pending = Some(tail::Pending {
+                    ids,
+                    cancel,
+                    task: h,
+                });
             }
             Vec::new()
         } else {
-            task.await
+            tokio::task::spawn_blocking(rebuild)
+                .await
                 .map_err(|e| AgentError::Refused(format!("rebuild task: {e}")))??
         };
         let rebuild_micros = t.elapsed().as_micros() as u64;
@@ -503,22 +660,15 @@ impl Node {
             }
         }
         let reply = SyncReply {
+            pending_chunks,
+            tail: round_tail,
             chunks: report.fetched,
             wire_bytes: report.wire_bytes,
             raw_bytes: report.raw_bytes,
             fetch_micros,
             rebuild_micros,
             report_json: serde_json::to_string(&report).unwrap_or_default(),
-            sources: report
-                .sources
-                .iter()
-                .filter(|(_, s)| s.chunks > 0)
-                .map(|(name, s)| xfer_proto::v1::SourceBytes {
-                    source: name.clone(),
-                    chunks: s.chunks,
-                    wire_bytes: s.wire_bytes,
-                })
-                .collect(),
+            sources: tail::source_bytes(&report),
         };
         Ok((reply, blobs))
     }
@@ -587,7 +737,7 @@ impl Node {
         req: &RestoreRequest,
         phases: &mut Vec<PhaseTiming>,
     ) -> Result<u32, Status> {
-        let (dir, image_name, manifest, files, inject, lease, chain_id, present) = {
+        let (dir, image_name, manifest, files, inject, lease, chain_id, present, stages) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&req.migration_id).ok_or_else(|| {
                 refuse(format!("no migration {} prepared here", req.migration_id))
@@ -607,6 +757,7 @@ impl Node {
                     .unwrap_or_default(),
                 inb.chain_id.clone(),
                 inb.present_volumes.clone(),
+                inb.stages.clone(),
             )
         };
         let id = req.container_id.as_str();
@@ -664,8 +815,9 @@ impl Node {
             }
             phases.push(phase("dst.rootfs", t, 0));
 
+            let staged = stages.ready().await;
             let volume_sources =
-                match self.install_volumes(id, &req.labels, &files, &present, phases) {
+                match self.install_volumes(id, &req.labels, &files, &present, &staged, phases) {
                     Ok(v) => v,
                     Err(e) => {
                         cleanup_all(self.clone(), id.to_string()).await;
@@ -920,6 +1072,7 @@ impl Node {
         labels: &HashMap<String, String>,
         files: &[InFile],
         present: &std::collections::BTreeSet<String>,
+        staged: &HashMap<String, (xfer_store::Digest, PathBuf)>,
         phases: &mut Vec<PhaseTiming>,
     ) -> Result<(Vec<crate::volumes::Volume>, Vec<PathBuf>), AgentError> {
         use crate::volumes::Kind;
@@ -951,8 +1104,19 @@ impl Node {
                 let _ = std::fs::remove_file(&probe);
                 same
             };
+            let ahead = staged
+                .get(&obj)
+                .filter(|(d, _)| !v.read_only && *d == f.digest)
+                .map(|(_, dir)| dir);
             if same {
                 phases.push(phase(&format!("dst.volume.unchanged.{obj}"), t, 0));
+            } else if let Some(dir) = ahead.filter(|dir| {
+                crate::volumes::install_unpacked(dir, &path, None)
+                    .inspect_err(|e| warn!(volume = %obj, error = %e, "installing the staged copy failed; unpacking the final tar"))
+                    .is_ok()
+            }) {
+                info!(volume = %obj, staged = %dir.display(), "volume installed from its staged copy (same digest as the final tar)");
+                phases.push(phase(&format!("dst.volume.{obj}"), t, size));
             } else {
                 let digest = v.read_only.then(|| {
                     xfer_store::Digest::of(&std::fs::read(&f.path).unwrap_or_default()).to_hex()
@@ -1319,7 +1483,8 @@ impl Agent for Node {
                 fetcher: None,
                 touched: Instant::now(),
                 rebuilt: Arc::default(),
-                pending_rebuild: None,
+                pending: None,
+                stages: Arc::default(),
                 present_volumes: Default::default(),
             },
         );

@@ -83,6 +83,45 @@ where
     })
 }
 
+/// Unpacks the volume tar `manifest` describes straight from the store's chunks into
+/// the new directory `into` (a thread rebuilds the tar into an in-memory pipe that the
+/// unpacker reads: no tar file is read or written). The chunks are immutable, so this
+/// may run beside rounds that patch the tar file. The tar is verified (whole-object
+/// digest) at its end; on any error `into` is removed.
+pub fn stage_volume(store: &Store, manifest: &Manifest, into: &Path) -> Result<(), AgentError> {
+    let werr = |source| AgentError::WriteFile {
+        path: into.to_path_buf(),
+        source,
+    };
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into).map_err(werr)?;
+    let (mut w, mut r) = pipe::pipe(4);
+    let res = std::thread::scope(|sc| {
+        let writer = sc.spawn(move || {
+            manifest
+                .rebuild(store, &mut w)
+                .map_err(store_err("rebuild a volume's tar"))?;
+            w.finish()
+        });
+        // The tar's end blocks (and what follows) are read too, so the writer ends
+        // normally; an error drops the reader: a writer still sending sees a broken
+        // pipe and ends.
+        let unpacked = crate::volumes::unpack_into(&mut r, into)
+            .and_then(|()| std::io::copy(&mut r, &mut std::io::sink()).map(drop))
+            .map_err(werr);
+        drop(r);
+        let built = writer
+            .join()
+            .map_err(|_| AgentError::Refused("the volume tar's rebuild panicked".into()))?;
+        built?;
+        unpacked
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(into);
+    }
+    res
+}
+
 /// A bounded in-memory byte pipe between two threads (1 MiB blocks).
 mod pipe {
     use std::io;
@@ -454,6 +493,58 @@ mod tests {
         let _sock = std::os::unix::net::UnixListener::bind(dir.join("z.sock")).expect("bind");
         let cut = publish(&store, "d", &[as_file(dir.clone())]);
         assert!(cut.is_err(), "a cut tar was published: {cut:?}");
+    }
+
+    #[test]
+    fn a_staged_volume_is_what_its_tar_holds_and_a_broken_one_leaves_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tmp");
+        let store = Store::open(t.path().join("s")).expect("store");
+        let dir = t.path().join("vol");
+        std::fs::create_dir_all(dir.join("sub/deeper")).expect("mkdir");
+        let big: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        std::fs::write(dir.join("big"), &big).expect("write");
+        std::fs::write(dir.join("sub/small"), b"hello").expect("write");
+        std::fs::write(dir.join("sub/deeper/x"), b"").expect("write");
+        std::fs::set_permissions(
+            dir.join("sub/small"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        std::os::unix::fs::symlink("sub/small", dir.join("link")).expect("symlink");
+        let (manifests, _) = publish(
+            &store,
+            "a",
+            &[OutFile {
+                kind: FileKind::Volume,
+                name: "rw-0".into(),
+                path: dir.clone(),
+            }],
+        )
+        .expect("publish");
+        let m = decode_objects(&manifests)
+            .expect("decode")
+            .remove(0)
+            .manifest;
+        let staged = t.path().join("staged/rw-0");
+        stage_volume(&store, &m, &staged).expect("stage");
+        // Captured again, the staged copy is byte for byte the tar that was published.
+        let (a, b) = (t.path().join("a.tar"), t.path().join("b.tar"));
+        crate::volumes::capture(&dir, &a).expect("capture");
+        crate::volumes::capture(&staged, &b).expect("capture");
+        assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
+        assert_eq!(std::fs::read(staged.join("big")).expect("big"), big);
+
+        // A chunk gone from the store: an error, and no half-unpacked directory.
+        let lost = m.chunk_ids().nth(1).expect("a second chunk");
+        store.release("a").expect("release");
+        assert!(store.remove(&lost).expect("remove"));
+        let again = t.path().join("staged/rw-0-again");
+        let err = stage_volume(&store, &m, &again);
+        assert!(err.is_err(), "{err:?}");
+        assert!(!again.exists());
     }
 
     #[test]

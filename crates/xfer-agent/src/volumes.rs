@@ -324,6 +324,33 @@ pub fn capture_into<W: io::Write>(dir: &Path, w: W) -> Result<W, AgentError> {
     b.into_inner().map_err(rerr)
 }
 
+/// Unpacks the tar read from `r` into the (existing, empty) directory `into`, the way
+/// [`install`] does: permissions, owners and times kept, directories' times set after
+/// their content (so the same content captures to the same tar again).
+pub fn unpack_into<R: io::Read>(r: R, into: &Path) -> io::Result<()> {
+    let mut a = tar::Archive::new(r);
+    a.set_preserve_permissions(true);
+    a.set_preserve_ownerships(true);
+    a.set_preserve_mtime(true);
+    a.set_overwrite(true);
+    let mut dirs = Vec::new();
+    for e in a.entries()? {
+        let mut e = e?;
+        let is_dir = e.header().entry_type().is_dir();
+        let mtime = e.header().mtime().ok();
+        let rel = e.path()?.into_owned();
+        e.unpack_in(into)?;
+        if let (true, Some(t)) = (is_dir, mtime) {
+            dirs.push((into.join(rel), t));
+        }
+    }
+    for (d, t) in dirs.iter().rev() {
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*t);
+        fs::File::open(d)?.set_modified(when)?;
+    }
+    Ok(())
+}
+
 /// Replaces directory `target`'s content with tar `tar_path` (unpacked beside it,
 /// swapped in by rename). For a named read-only volume, `digest` is recorded so a
 /// later migration of the same content skips it.
@@ -332,6 +359,37 @@ pub fn install(
     target: &Path,
     marker: Option<(&Path, &str, &str)>,
 ) -> Result<(), AgentError> {
+    let fresh = fresh_dir(target)?;
+    fs::create_dir_all(&fresh).map_err(werr(&fresh))?;
+    let f = fs::File::open(tar_path).map_err(|source| AgentError::ReadFile {
+        path: tar_path.to_path_buf(),
+        source,
+    })?;
+    if let Err(e) = unpack_into(io::BufReader::with_capacity(1 << 20, f), &fresh) {
+        let _ = fs::remove_dir_all(&fresh);
+        return Err(werr(&fresh)(e));
+    }
+    swap_in(&fresh, target, marker)
+}
+
+/// Installs a directory already unpacked elsewhere on the same file system (a
+/// staged copy, see `node::stage`) as `target`, by rename, like [`install`].
+pub fn install_unpacked(
+    unpacked: &Path,
+    target: &Path,
+    marker: Option<(&Path, &str, &str)>,
+) -> Result<(), AgentError> {
+    let fresh = fresh_dir(target)?;
+    fs::rename(unpacked, &fresh).map_err(|source| AgentError::WriteFile {
+        path: fresh.clone(),
+        source,
+    })?;
+    swap_in(&fresh, target, marker)
+}
+
+/// The directory beside `target` that a new content is unpacked into (made empty:
+/// what a crash left there goes), its parent created.
+fn fresh_dir(target: &Path) -> Result<std::path::PathBuf, AgentError> {
     let parent = target
         .parent()
         .ok_or_else(|| refuse(format!("volume path {} has no parent", target.display())))?;
@@ -344,58 +402,41 @@ pub fn install(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let fresh = parent.join(format!(".{base}.xfer-new"));
-    let old = parent.join(format!(".{base}.xfer-old"));
     let _ = fs::remove_dir_all(&fresh);
-    let _ = fs::remove_dir_all(&old);
-    let werr = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| AgentError::WriteFile { path, source }
-    };
-    fs::create_dir_all(&fresh).map_err(werr(&fresh))?;
-    let f = fs::File::open(tar_path).map_err(|source| AgentError::ReadFile {
-        path: tar_path.to_path_buf(),
-        source,
-    })?;
-    let mut a = tar::Archive::new(io::BufReader::new(f));
-    a.set_preserve_permissions(true);
-    a.set_preserve_ownerships(true);
-    a.set_preserve_mtime(true);
-    a.set_overwrite(true);
-    // Entries one by one, so directories get their times back after their content
-    // was written (which changes them): the same content captures to the same tar.
-    let unpacked = (|| -> io::Result<()> {
-        let mut dirs = Vec::new();
-        for e in a.entries()? {
-            let mut e = e?;
-            let is_dir = e.header().entry_type().is_dir();
-            let mtime = e.header().mtime().ok();
-            let rel = e.path()?.into_owned();
-            e.unpack_in(&fresh)?;
-            if let (true, Some(t)) = (is_dir, mtime) {
-                dirs.push((fresh.join(rel), t));
-            }
-        }
-        for (d, t) in dirs.iter().rev() {
-            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*t);
-            fs::File::open(d)?.set_modified(when)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = unpacked {
-        let _ = fs::remove_dir_all(&fresh);
-        return Err(werr(&fresh)(e));
-    }
+    let _ = fs::remove_dir_all(parent.join(format!(".{base}.xfer-old")));
+    Ok(fresh)
+}
+
+/// A write error at `path`.
+fn werr(path: &Path) -> impl FnOnce(io::Error) -> AgentError {
+    let path = path.to_path_buf();
+    move |source| AgentError::WriteFile { path, source }
+}
+
+/// Swaps `fresh` (beside `target`, see [`fresh_dir`]) in for `target`, keeping the
+/// directory's own mode and owner; records the read-only digest `marker`.
+fn swap_in(
+    fresh: &Path,
+    target: &Path,
+    marker: Option<(&Path, &str, &str)>,
+) -> Result<(), AgentError> {
+    let old = fresh.with_file_name(
+        fresh
+            .file_name()
+            .map(|n| n.to_string_lossy().replace(".xfer-new", ".xfer-old"))
+            .unwrap_or_default(),
+    );
     // Keep the directory's own mode and owner.
     if let Ok(m) = fs::metadata(target) {
-        let _ = fs::set_permissions(&fresh, m.permissions());
+        let _ = fs::set_permissions(fresh, m.permissions());
         let _ = std::os::unix::fs::chown(
-            &fresh,
+            fresh,
             Some(std::os::unix::fs::MetadataExt::uid(&m)),
             Some(std::os::unix::fs::MetadataExt::gid(&m)),
         );
         fs::rename(target, &old).map_err(werr(target))?;
     }
-    fs::rename(&fresh, target).map_err(werr(target))?;
+    fs::rename(fresh, target).map_err(werr(target))?;
     let _ = fs::remove_dir_all(&old);
     if let Some((work, name, digest)) = marker {
         let m = digest_marker(work, name);
@@ -665,6 +706,33 @@ mod tests {
         let t3 = t.path().join("3.tar");
         capture(&dst, &t3).expect("capture the installed copy");
         assert_eq!(fs::read(&t3).expect("read"), fs::read(&t1).expect("read"));
+    }
+
+    #[test]
+    fn an_unpacked_copy_is_installed_by_rename_keeping_the_targets_mode() {
+        let t = tempfile::tempdir().expect("tmp");
+        let staged = t.path().join("inbound/staged/rw-0-x");
+        fs::create_dir_all(staged.join("sub")).expect("mkdir");
+        fs::write(staged.join("sub/f"), b"new").expect("write");
+        let dst = t.path().join("work/volumes/app-0");
+        fs::create_dir_all(&dst).expect("mkdir");
+        fs::write(dst.join("stale"), b"old").expect("write");
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o750)).expect("chmod");
+        install_unpacked(&staged, &dst, None).expect("install");
+        assert_eq!(fs::read(dst.join("sub/f")).expect("f"), b"new");
+        assert!(!dst.join("stale").exists(), "old content replaced");
+        assert!(!staged.exists(), "moved, not copied");
+        let mode = fs::metadata(&dst).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+        let leftovers: Vec<_> = fs::read_dir(dst.parent().expect("parent"))
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("app-0")]);
+        // Nothing to move: an error, the target untouched.
+        assert!(install_unpacked(&staged, &dst, None).is_err());
+        assert_eq!(fs::read(dst.join("sub/f")).expect("f"), b"new");
     }
 
     #[test]

@@ -8,7 +8,9 @@ mod chunks {
     use std::time::Duration;
 
     use xfer_agent::chunks::fake::FakePeer;
-    use xfer_agent::chunks::{ChunkError, ChunkPeer, FetchConfig, Fetcher, MemStore, Want};
+    use xfer_agent::chunks::{
+        ChunkError, ChunkPeer, FetchConfig, Fetcher, MemStore, Progress, Want,
+    };
     use xfer_store::Digest;
 
     /// Deterministic chunk contents: half pseudo-random, half a repeated pattern.
@@ -34,7 +36,12 @@ mod chunks {
     }
 
     fn chunks(n: u32, len: usize) -> Set {
-        let blobs: Vec<Vec<u8>> = (0..n).map(|i| data(i, len)).collect();
+        chunks_in(0..n, len)
+    }
+
+    /// The chunks `data(i, len)` for `i` in `range`.
+    fn chunks_in(range: std::ops::Range<u32>, len: usize) -> Set {
+        let blobs: Vec<Vec<u8>> = range.map(|i| data(i, len)).collect();
         Set {
             ids: blobs.iter().map(|b| Digest::of(b)).collect(),
             blobs,
@@ -320,6 +327,73 @@ mod chunks {
             2000 - have,
             "the second fetch asks only for what the first did not store"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_and_outstanding_follow_fetches_running_side_by_side() {
+        let a = chunks(600, 1024);
+        let b = chunks_in(1000..1400, 1024);
+        let both = MemStore::new();
+        for x in a.blobs.iter().chain(&b.blobs) {
+            both.insert(x).expect("insert");
+        }
+        // ~1000 x 1 ms over 4 streams: about 0.25 s in all.
+        let origin = FakePeer::new("origin", Arc::new(both))
+            .with(|x| x.per_chunk = Duration::from_millis(1));
+        let dest = Arc::new(MemStore::new());
+        let f = Arc::new(Fetcher::new(dest.clone(), "origin", peer(&origin)));
+        assert_eq!(f.outstanding().remaining, 0);
+        let pa = Arc::new(Progress::default());
+        let (wa, wb) = (wants(&a, &[]), wants(&b, &[]));
+        let (fa, pa2) = (f.clone(), pa.clone());
+        let ta = tokio::spawn(async move { fa.fetch_observed(&wa, pa2).await });
+        let fb = f.clone();
+        let tb = tokio::spawn(async move { fb.fetch(&wb).await });
+        // While both run: the fetcher counts what is left of both, the progress of
+        // the first only its own.
+        let mut seen_both = false;
+        let mut seen_partial = false;
+        for _ in 0..500 {
+            let o = f.outstanding();
+            let p = pa.get();
+            assert!(o.remaining <= 1000, "{o:?}");
+            assert!(p.remaining <= 600 && p.fetched <= 600, "{p:?}");
+            seen_both |= o.remaining > 600;
+            seen_partial |= p.fetched > 0 && p.remaining > 0;
+            if ta.is_finished() && tb.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ra = ta.await.expect("task").expect("fetch a");
+        tb.await.expect("task").expect("fetch b");
+        assert!(seen_both, "both fetches were counted while they ran");
+        assert!(seen_partial, "the progress moved while the fetch ran");
+        let p = pa.get();
+        assert_eq!((p.remaining, p.fetched), (0, 600));
+        assert_eq!(p.wire_bytes, ra.wire_bytes);
+        assert_eq!(p.sources.get("origin").map(|s| s.0), Some(600));
+        let o = f.outstanding();
+        assert_eq!(o.remaining, 0);
+        assert!(o.wire_bytes >= ra.wire_bytes && o.mean_chunk.is_some());
+        assert!(o.remaining_bytes(1.0) == 0.0);
+
+        // A fetch dropped half way no longer counts what it left.
+        let c = chunks_in(2000..2800, 1024);
+        let origin2 = FakePeer::new("origin", store(&c, |_| true))
+            .with(|x| x.per_chunk = Duration::from_millis(1));
+        let dest2 = Arc::new(MemStore::new());
+        let f2 = Fetcher::new(dest2.clone(), "origin", peer(&origin2));
+        let wc = wants(&c, &[]);
+        tokio::select! {
+            r = f2.fetch(&wc) => panic!("not cut short: {r:?}"),
+            _ = async {
+                while dest2.len() < 100 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            } => {}
+        }
+        assert!(f2.outstanding().remaining == 0, "{:?}", f2.outstanding());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

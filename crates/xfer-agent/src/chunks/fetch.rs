@@ -22,7 +22,7 @@
 //!   stored wins and the loser is cancelled once it has nothing left to deliver.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -209,6 +209,66 @@ pub struct FetchReport {
     pub sources: BTreeMap<String, SourceReport>,
 }
 
+/// What one fetch has done so far, readable while it runs
+/// ([`Fetcher::fetch_observed`]): lets a caller answer before the fetch ends.
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: Mutex<ProgressState>,
+}
+
+/// A fetch's figures when [`Progress::get`] was called.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgressState {
+    /// Distinct ids not stored yet.
+    pub remaining: u64,
+    /// Chunks stored, their decoded bytes, and frame bytes received.
+    pub fetched: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    /// Per source: (chunks it delivered first, frame bytes received from it).
+    pub sources: BTreeMap<String, (u64, u64)>,
+}
+
+impl Progress {
+    /// The figures now.
+    pub fn get(&self) -> ProgressState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ProgressState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Counters over every fetch of one [`Fetcher`], those running side by side included.
+#[derive(Debug, Default)]
+struct Totals {
+    /// Ids not stored yet, over the fetches running now.
+    remaining: AtomicU64,
+    /// Frame bytes and chunks received (stored, duplicate, corrupt), ever.
+    wire_bytes: AtomicU64,
+    chunks: AtomicU64,
+}
+
+/// [`Fetcher::outstanding`]: what is left over every fetch running now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Outstanding {
+    /// Distinct ids not stored yet (an id wanted by two running fetches counts twice).
+    pub remaining: u64,
+    /// Frame bytes received by this fetcher so far (monotonic: rates come from its
+    /// differences).
+    pub wire_bytes: u64,
+    /// Mean frame bytes per chunk received so far (None before the first chunk).
+    pub mean_chunk: Option<f64>,
+}
+
+impl Outstanding {
+    /// The bytes left, estimated at the mean chunk size (or `prior` per chunk).
+    pub fn remaining_bytes(&self, prior: f64) -> f64 {
+        self.remaining as f64 * self.mean_chunk.unwrap_or(prior)
+    }
+}
+
 /// Fetches chunks from several sources into a local store. Keeps what it measured of
 /// each source across fetches (e.g. across pre-copy rounds).
 pub struct Fetcher<S: ChunkStore> {
@@ -221,6 +281,7 @@ pub struct Fetcher<S: ChunkStore> {
     /// What is believed of sources not measured yet (e.g. the knowledge base's link
     /// figures): used instead of the mean prior until they are measured.
     priors: Mutex<HashMap<String, SourceStats>>,
+    totals: Arc<Totals>,
 }
 
 impl<S: ChunkStore> std::fmt::Debug for Fetcher<S> {
@@ -249,6 +310,19 @@ impl<S: ChunkStore> Fetcher<S> {
             cfg: FetchConfig::default(),
             stats: Mutex::new(HashMap::new()),
             priors: Mutex::new(HashMap::new()),
+            totals: Arc::new(Totals::default()),
+        }
+    }
+
+    /// What is left over every fetch running now, and what was received so far.
+    pub fn outstanding(&self) -> Outstanding {
+        let t = &self.totals;
+        let chunks = t.chunks.load(Ordering::Relaxed);
+        let wire_bytes = t.wire_bytes.load(Ordering::Relaxed);
+        Outstanding {
+            remaining: t.remaining.load(Ordering::Relaxed),
+            wire_bytes,
+            mean_chunk: (chunks > 0).then(|| wire_bytes as f64 / chunks as f64),
         }
     }
 
@@ -306,8 +380,18 @@ impl<S: ChunkStore> Fetcher<S> {
     /// source could deliver, with the report. Dropping the future cancels the fetch;
     /// a later fetch of the same wants only asks for what was not stored yet.
     pub async fn fetch(&self, wants: &[Want]) -> Result<FetchReport, ChunkError> {
+        self.fetch_observed(wants, Arc::new(Progress::default()))
+            .await
+    }
+
+    /// [`Fetcher::fetch`], keeping `progress` up to date while it runs.
+    pub async fn fetch_observed(
+        &self,
+        wants: &[Want],
+        progress: Arc<Progress>,
+    ) -> Result<FetchReport, ChunkError> {
         let t0 = Instant::now();
-        let mut run = self.plan(wants)?;
+        let mut run = self.plan(wants, progress)?;
         let store = self.store.clone();
         let ids = run.shared.ids.clone();
         let local = tokio::task::spawn_blocking(move || store.has_many(&ids))
@@ -321,6 +405,10 @@ impl<S: ChunkStore> Fetcher<S> {
             }
         }
         run.remaining = run.items.iter().filter(|it| it.st != St::Done).count();
+        run.totals
+            .remaining
+            .fetch_add(run.remaining as u64, Ordering::Relaxed);
+        run.progress.update(|p| p.remaining = run.remaining as u64);
         if self.cfg.probe_have && run.remaining > 0 {
             run.probe().await;
         }
@@ -372,7 +460,7 @@ impl<S: ChunkStore> Fetcher<S> {
     }
 
     /// Builds the run: sources (fallback first), distinct ids with their candidates.
-    fn plan(&self, wants: &[Want]) -> Result<Run<S>, ChunkError> {
+    fn plan(&self, wants: &[Want], progress: Arc<Progress>) -> Result<Run<S>, ChunkError> {
         let mut src_index: HashMap<&str, usize> = HashMap::new();
         let mut names: Vec<&str> = vec![self.fallback.as_str()];
         src_index.insert(self.fallback.as_str(), 0);
@@ -480,6 +568,8 @@ impl<S: ChunkStore> Fetcher<S> {
             avg_chunk: None,
             needed: 0,
             remaining: 0,
+            progress,
+            totals: self.totals.clone(),
             report: FetchReport {
                 wanted: n as u64,
                 ..Default::default()
@@ -650,7 +740,19 @@ struct Run<S: ChunkStore> {
     needed: usize,
     /// Ids not stored yet.
     remaining: usize,
+    /// Published figures of this fetch, and the fetcher's over all its fetches.
+    progress: Arc<Progress>,
+    totals: Arc<Totals>,
     report: FetchReport,
+}
+
+impl<S: ChunkStore> Drop for Run<S> {
+    /// A fetch that ends (or is dropped) with ids left no longer counts them.
+    fn drop(&mut self) {
+        self.totals
+            .remaining
+            .fetch_sub(self.remaining as u64, Ordering::Relaxed);
+    }
 }
 
 impl<S: ChunkStore> Run<S> {
@@ -720,6 +822,7 @@ impl<S: ChunkStore> Run<S> {
         }
         it.st = St::Done;
         dec(&mut self.remaining);
+        self.totals.remaining.fetch_sub(1, Ordering::Relaxed);
         others
     }
 
@@ -1052,6 +1155,25 @@ impl<S: ChunkStore> Run<S> {
                 }
                 self.srcs[src].report.wire_bytes += bytes;
                 self.report.wire_bytes += bytes;
+                self.totals.wire_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.totals
+                    .chunks
+                    .fetch_add(nchunks as u64, Ordering::Relaxed);
+                {
+                    let (name, first) = (&self.srcs[src].name, stored.len() as u64);
+                    let raw: u64 = stored.iter().map(|&(_, _, r)| u64::from(r)).sum();
+                    let (remaining, fetched) = (self.remaining as u64, self.report.fetched);
+                    let wire = self.report.wire_bytes;
+                    self.progress.update(|p| {
+                        p.remaining = remaining;
+                        p.fetched = fetched;
+                        p.raw_bytes += raw;
+                        p.wire_bytes = wire;
+                        let e = p.sources.entry(name.clone()).or_default();
+                        e.0 += first;
+                        e.1 += bytes;
+                    });
+                }
                 if nchunks > 0 {
                     let per = bytes as f64 / nchunks as f64;
                     self.avg_chunk = Some(ewma(self.avg_chunk, per, 0.2));

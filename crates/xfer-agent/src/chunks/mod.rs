@@ -113,7 +113,7 @@ pub mod wire;
 pub const FALLBACK_NAME: &str = "source";
 
 pub use error::ChunkError;
-pub use fetch::{FetchConfig, FetchReport, Fetcher, SourceReport, Want};
+pub use fetch::{FetchConfig, FetchReport, Fetcher, Outstanding, Progress, SourceReport, Want};
 pub use peer::{BatchStream, ChunkPeer, GrpcPeer};
 pub use rank::{RankPolicy, SourceStats, SourceView, ThroughputRank};
 pub use server::{ChunkService, LoadMeter, ServiceConfig};
