@@ -106,12 +106,19 @@ async fn volumes_move_with_content_mode_options_and_labels() {
     let installed = |name: &str| {
         phases
             .iter()
-            .find(|(n, _)| n == &format!("dst.volume.{name}"))
+            .find(|(n, _)| {
+                n == &format!("dst.volume.{name}") || n == &format!("dst.volume.staged.{name}")
+            })
             .map(|(_, b)| *b)
     };
     assert!(installed("rw-0").is_some_and(|b| b > 0), "{phases:?}");
     assert!(installed("ro-conf").is_some_and(|b| b > 0), "{phases:?}");
     assert!(installed("rw-2").is_some(), "{phases:?}");
+    // /data changed during the migration (the counter): unpacked from the final tar;
+    // /scratch did not: installed from the copy staged after the pre-copy round.
+    let named = |n: &str| phases.iter().any(|(p, _)| p == n);
+    assert!(named("dst.volume.rw-0"), "{phases:?}");
+    assert!(named("dst.volume.staged.rw-2"), "{phases:?}");
     let mut h2 = lab.agent("h2").await;
     let pid2 = running_pid(&mut h2).await;
     assert!(count(pid2) >= before, "the counter went back");

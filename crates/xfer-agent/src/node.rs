@@ -269,7 +269,7 @@ impl Node {
             p.cancel.notify_one();
             let _ = p.task.await;
         }
-        inb.stages.wait_all().await;
+        inb.stages.stop_all().await;
         if let Some(l) = inb.lease {
             images::end_lease(&self.rt, l).await;
         }
@@ -815,7 +815,12 @@ impl Node {
             }
             phases.push(phase("dst.rootfs", t, 0));
 
-            let staged = stages.ready().await;
+            let finals: HashMap<String, xfer_store::Digest> = files
+                .iter()
+                .filter(|f| f.kind == FileKind::Volume)
+                .map(|f| (f.name.clone(), f.digest))
+                .collect();
+            let staged = stages.ready_for(&finals).await;
             let volume_sources =
                 match self.install_volumes(id, &req.labels, &files, &present, &staged, phases) {
                     Ok(v) => v,
@@ -1072,7 +1077,7 @@ impl Node {
         labels: &HashMap<String, String>,
         files: &[InFile],
         present: &std::collections::BTreeSet<String>,
-        staged: &HashMap<String, (xfer_store::Digest, PathBuf)>,
+        staged: &HashMap<String, PathBuf>,
         phases: &mut Vec<PhaseTiming>,
     ) -> Result<(Vec<crate::volumes::Volume>, Vec<PathBuf>), AgentError> {
         use crate::volumes::Kind;
@@ -1104,10 +1109,7 @@ impl Node {
                 let _ = std::fs::remove_file(&probe);
                 same
             };
-            let ahead = staged
-                .get(&obj)
-                .filter(|(d, _)| !v.read_only && *d == f.digest)
-                .map(|(_, dir)| dir);
+            let ahead = staged.get(&obj).filter(|_| !v.read_only);
             if same {
                 phases.push(phase(&format!("dst.volume.unchanged.{obj}"), t, 0));
             } else if let Some(dir) = ahead.filter(|dir| {
@@ -1116,7 +1118,7 @@ impl Node {
                     .is_ok()
             }) {
                 info!(volume = %obj, staged = %dir.display(), "volume installed from its staged copy (same digest as the final tar)");
-                phases.push(phase(&format!("dst.volume.{obj}"), t, size));
+                phases.push(phase(&format!("dst.volume.staged.{obj}"), t, size));
             } else {
                 let digest = v.read_only.then(|| {
                     xfer_store::Digest::of(&std::fs::read(&f.path).unwrap_or_default()).to_hex()

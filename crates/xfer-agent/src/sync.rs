@@ -88,14 +88,19 @@ where
 /// unpacker reads: no tar file is read or written). The chunks are immutable, so this
 /// may run beside rounds that patch the tar file. The tar is verified (whole-object
 /// digest) at its end; on any error `into` is removed.
-pub fn stage_volume(store: &Store, manifest: &Manifest, into: &Path) -> Result<(), AgentError> {
+pub fn stage_volume(
+    store: &Store,
+    manifest: &Manifest,
+    into: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), AgentError> {
     let werr = |source| AgentError::WriteFile {
         path: into.to_path_buf(),
         source,
     };
     let _ = std::fs::remove_dir_all(into);
     std::fs::create_dir_all(into).map_err(werr)?;
-    let (mut w, mut r) = pipe::pipe(4);
+    let (mut w, r) = pipe::pipe(4);
     let res = std::thread::scope(|sc| {
         let writer = sc.spawn(move || {
             manifest
@@ -106,6 +111,7 @@ pub fn stage_volume(store: &Store, manifest: &Manifest, into: &Path) -> Result<(
         // The tar's end blocks (and what follows) are read too, so the writer ends
         // normally; an error drops the reader: a writer still sending sees a broken
         // pipe and ends.
+        let mut r = Stoppable { inner: r, stop };
         let unpacked = crate::volumes::unpack_into(&mut r, into)
             .and_then(|()| std::io::copy(&mut r, &mut std::io::sink()).map(drop))
             .map_err(werr);
@@ -120,6 +126,21 @@ pub fn stage_volume(store: &Store, manifest: &Manifest, into: &Path) -> Result<(
         let _ = std::fs::remove_dir_all(into);
     }
     res
+}
+
+/// A reader that fails once `stop` is set (a staging no longer wanted).
+struct Stoppable<'a, R> {
+    inner: R,
+    stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl<R: std::io::Read> std::io::Read for Stoppable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("staging stopped"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// A bounded in-memory byte pipe between two threads (1 MiB blocks).
@@ -529,7 +550,8 @@ mod tests {
             .remove(0)
             .manifest;
         let staged = t.path().join("staged/rw-0");
-        stage_volume(&store, &m, &staged).expect("stage");
+        let go = std::sync::atomic::AtomicBool::new(false);
+        stage_volume(&store, &m, &staged, &go).expect("stage");
         // Captured again, the staged copy is byte for byte the tar that was published.
         let (a, b) = (t.path().join("a.tar"), t.path().join("b.tar"));
         crate::volumes::capture(&dir, &a).expect("capture");
@@ -537,12 +559,17 @@ mod tests {
         assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
         assert_eq!(std::fs::read(staged.join("big")).expect("big"), big);
 
-        // A chunk gone from the store: an error, and no half-unpacked directory.
+        // Stopped: an error, and no half-unpacked directory.
+        let again = t.path().join("staged/rw-0-again");
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        let err = stage_volume(&store, &m, &again, &stop);
+        assert!(err.is_err(), "{err:?}");
+        assert!(!again.exists());
+        // A chunk gone from the store: the same.
         let lost = m.chunk_ids().nth(1).expect("a second chunk");
         store.release("a").expect("release");
         assert!(store.remove(&lost).expect("remove"));
-        let again = t.path().join("staged/rw-0-again");
-        let err = stage_volume(&store, &m, &again);
+        let err = stage_volume(&store, &m, &again, &go);
         assert!(err.is_err(), "{err:?}");
         assert!(!again.exists());
     }
