@@ -863,9 +863,10 @@ pub async fn precopy<R: Runtime, D: Destination>(
         let dump_time = t.elapsed();
         // The destination may answer before the last chunks are in, so that the next
         // round's (or the cut-over's) dump runs while they arrive: about as long as
-        // this round's dump took.
+        // this round's dump took, plus the downtime budget of the final transfer (the
+        // tail may run into the final Sync by that much).
         let overlap = if memory {
-            dump_time
+            dump_time + policy.budget
         } else {
             std::time::Duration::ZERO
         };
@@ -1841,8 +1842,9 @@ mod tests {
         let (rounds, end) = run_precopy(&mut dst, vol.path()).await;
         let n = rounds.len();
         assert!(n >= 2, "{:?}", end.why);
-        // Each round asked for its own dump time as the overlap.
-        let asked: Vec<u64> = rounds.iter().map(|r| r.dump_micros).collect();
+        // Each round asked for its own dump time plus the budget (100 ms) as the
+        // overlap.
+        let asked: Vec<u64> = rounds.iter().map(|r| r.dump_micros + 100_000).collect();
         assert_eq!(dst.overlaps, asked);
         // Rounds 1..n-1 were completed by the next round's reply; the last one is
         // still owed (the cut-over's reply completes it, below).

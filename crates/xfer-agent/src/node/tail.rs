@@ -33,9 +33,8 @@ const WINDOW: Duration = Duration::from_millis(300);
 /// The estimate is stretched by this much: a fetch's last chunks come slower, as
 /// sources run out of work, and the source's dump competes for the CPU with the
 /// fetch's verification (measured in the cooperative benchmark: the tail took 1.6-1.8
-/// times its estimate). Aimed at the tail ending when the final `Sync` arrives: a
-/// shorter margin moves time from the total into the downtime.
-const MARGIN: f64 = 2.0;
+/// times its estimate).
+const MARGIN: f64 = 1.75;
 
 /// A round that replied early: its fetch, still running.
 pub(super) struct Early {
@@ -238,9 +237,9 @@ mod tests {
         let ov = Duration::from_millis(200);
         let ran = Duration::from_millis(500);
         let ms = |n| Some(Duration::from_millis(n));
-        assert!(reply_now(ran, 10, ms(100), ov));
-        // 110 ms x 2 > 200 ms.
-        assert!(!reply_now(ran, 10, ms(110), ov));
+        assert!(reply_now(ran, 10, ms(110), ov));
+        // 120 ms x 1.75 > 200 ms.
+        assert!(!reply_now(ran, 10, ms(120), ov));
         // Not measured long enough, nothing left, or no estimate.
         assert!(!reply_now(Duration::from_millis(100), 10, ms(10), ov));
         assert!(!reply_now(ran, 0, ms(0), ov));
