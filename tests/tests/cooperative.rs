@@ -152,6 +152,17 @@ async fn destination_fetches_from_a_neighbour_and_survives_its_death() {
         "h1 -> h2 came from the source: {src:?}"
     );
     assert!(src.keys().all(|k| k == "source"), "{src:?}");
+    // 16 MB at 40 Mbit/s: the pre-copy round was answered before its last chunks
+    // (the cut-over's dump overlapped them), and its report holds the whole round.
+    assert!(
+        r.rounds.iter().any(|x| x.pending_chunks > 0),
+        "an early reply: {:?}",
+        r.rounds
+    );
+    assert!(
+        src.get("source").copied().unwrap_or(0) > BLOB,
+        "the whole volume counted once its tail arrived: {src:?}"
+    );
 
     // h2 -> h3: h1 still holds the volume's chunks (and the unchanged pages).
     let r = migrate(&lab, "h2", "h3").await;

@@ -892,6 +892,7 @@ pub async fn precopy<R: Runtime, D: Destination>(
             delta_raw_bytes: reply.raw_bytes,
             delta_wire_bytes: reply.wire_bytes,
             sources: reply.sources.clone(),
+            pending_chunks: reply.pending_chunks,
         };
         emit(
             tx,

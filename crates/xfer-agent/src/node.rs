@@ -737,7 +737,7 @@ impl Node {
         req: &RestoreRequest,
         phases: &mut Vec<PhaseTiming>,
     ) -> Result<u32, Status> {
-        let (dir, image_name, manifest, files, inject, lease, chain_id, present, stages) = {
+        let (dir, image_name, manifest, files, inject, lease, chain_id, present, stages, rebuilt) = {
             let map = self.inbound.lock().await;
             let inb = map.get(&req.migration_id).ok_or_else(|| {
                 refuse(format!("no migration {} prepared here", req.migration_id))
@@ -758,6 +758,7 @@ impl Node {
                 inb.chain_id.clone(),
                 inb.present_volumes.clone(),
                 inb.stages.clone(),
+                inb.rebuilt.clone(),
             )
         };
         let id = req.container_id.as_str();
@@ -820,7 +821,17 @@ impl Node {
                 .filter(|f| f.kind == FileKind::Volume)
                 .map(|f| (f.name.clone(), f.digest))
                 .collect();
-            let staged = stages.ready_for(&finals).await;
+            let staged: HashMap<String, (stage::Ready, Option<xfer_store::manifest::Manifest>)> = {
+                let ready = stages.ready_for(&finals).await;
+                let rebuilt = rebuilt.lock().map(|r| r.clone()).unwrap_or_default();
+                ready
+                    .into_iter()
+                    .map(|(n, r)| {
+                        let m = rebuilt.get(&n).cloned();
+                        (n, (r, m))
+                    })
+                    .collect()
+            };
             let volume_sources =
                 match self.install_volumes(id, &req.labels, &files, &present, &staged, phases) {
                     Ok(v) => v,
@@ -1077,7 +1088,7 @@ impl Node {
         labels: &HashMap<String, String>,
         files: &[InFile],
         present: &std::collections::BTreeSet<String>,
-        staged: &HashMap<String, PathBuf>,
+        staged: &HashMap<String, (stage::Ready, Option<xfer_store::manifest::Manifest>)>,
         phases: &mut Vec<PhaseTiming>,
     ) -> Result<(Vec<crate::volumes::Volume>, Vec<PathBuf>), AgentError> {
         use crate::volumes::Kind;
@@ -1112,12 +1123,10 @@ impl Node {
             let ahead = staged.get(&obj).filter(|_| !v.read_only);
             if same {
                 phases.push(phase(&format!("dst.volume.unchanged.{obj}"), t, 0));
-            } else if let Some(dir) = ahead.filter(|dir| {
-                crate::volumes::install_unpacked(dir, &path, None)
-                    .inspect_err(|e| warn!(volume = %obj, error = %e, "installing the staged copy failed; unpacking the final tar"))
-                    .is_ok()
-            }) {
-                info!(volume = %obj, staged = %dir.display(), "volume installed from its staged copy (same digest as the final tar)");
+            } else if let Some(how) =
+                ahead.and_then(|(r, m)| install_ahead(&obj, r, m.as_ref(), &f.path, &path))
+            {
+                info!(volume = %obj, how, "volume installed from its staged copy");
                 phases.push(phase(&format!("dst.volume.staged.{obj}"), t, size));
             } else {
                 let digest = v.read_only.then(|| {
@@ -1183,6 +1192,47 @@ impl Node {
             if let Err(e) = cn.detach(id).await {
                 warn!(container = id, error = %e, "remove container namespace");
             }
+        }
+    }
+}
+
+/// Installs volume `obj` at `target` from its staged copy `r`: as is if its tar is
+/// the final one, else patched to the final tar `final_tar` (manifest `now`) first.
+/// Returns how, or None if the caller must unpack the final tar (the staged copy is
+/// then gone).
+fn install_ahead(
+    obj: &str,
+    r: &stage::Ready,
+    now: Option<&xfer_store::manifest::Manifest>,
+    final_tar: &Path,
+    target: &Path,
+) -> Option<String> {
+    let how = if r.exact {
+        "same digest as the final tar".to_string()
+    } else {
+        let now = now?;
+        let patched = stage::SameFiles::new(&r.manifest, &r.index, now, final_tar, &r.dir)
+            .and_then(|mut cmp| {
+                crate::volumes::patch_unpacked(&r.dir, final_tar, |p, h, d| cmp.same(p, h, d))
+            });
+        match patched {
+            Ok(p) => format!(
+                "patched: {} files ({} bytes) kept, {} entries ({} bytes) written, {} removed",
+                p.kept, p.kept_bytes, p.written, p.written_bytes, p.removed
+            ),
+            Err(e) => {
+                warn!(volume = %obj, error = %e, "patching the staged copy failed; unpacking the final tar");
+                let _ = std::fs::remove_dir_all(&r.dir);
+                return None;
+            }
+        }
+    };
+    match crate::volumes::install_unpacked(&r.dir, target, None) {
+        Ok(()) => Some(how),
+        Err(e) => {
+            warn!(volume = %obj, error = %e, "installing the staged copy failed; unpacking the final tar");
+            let _ = std::fs::remove_dir_all(&r.dir);
+            None
         }
     }
 }

@@ -87,13 +87,14 @@ where
 /// the new directory `into` (a thread rebuilds the tar into an in-memory pipe that the
 /// unpacker reads: no tar file is read or written). The chunks are immutable, so this
 /// may run beside rounds that patch the tar file. The tar is verified (whole-object
-/// digest) at its end; on any error `into` is removed.
+/// digest) at its end; on any error `into` is removed. Returns where each regular
+/// file lay in the tar.
 pub fn stage_volume(
     store: &Store,
     manifest: &Manifest,
     into: &Path,
     stop: &std::sync::atomic::AtomicBool,
-) -> Result<(), AgentError> {
+) -> Result<crate::volumes::TarIndex, AgentError> {
     let werr = |source| AgentError::WriteFile {
         path: into.to_path_buf(),
         source,
@@ -112,8 +113,8 @@ pub fn stage_volume(
         // normally; an error drops the reader: a writer still sending sees a broken
         // pipe and ends.
         let mut r = Stoppable { inner: r, stop };
-        let unpacked = crate::volumes::unpack_into(&mut r, into)
-            .and_then(|()| std::io::copy(&mut r, &mut std::io::sink()).map(drop))
+        let unpacked = crate::volumes::unpack_into_indexed(&mut r, into)
+            .and_then(|index| std::io::copy(&mut r, &mut std::io::sink()).map(|_| index))
             .map_err(werr);
         drop(r);
         let built = writer
@@ -551,7 +552,11 @@ mod tests {
             .manifest;
         let staged = t.path().join("staged/rw-0");
         let go = std::sync::atomic::AtomicBool::new(false);
-        stage_volume(&store, &m, &staged, &go).expect("stage");
+        let index = stage_volume(&store, &m, &staged, &go).expect("stage");
+        assert_eq!(index.len(), 3, "{index:?}");
+        let f = index[Path::new("big")];
+        assert_eq!(f.len, big.len() as u64);
+        assert_eq!(f.data % 512, 0, "data after a header block");
         // Captured again, the staged copy is byte for byte the tar that was published.
         let (a, b) = (t.path().join("a.tar"), t.path().join("b.tar"));
         crate::volumes::capture(&dir, &a).expect("capture");

@@ -324,31 +324,155 @@ pub fn capture_into<W: io::Write>(dir: &Path, w: W) -> Result<W, AgentError> {
     b.into_inner().map_err(rerr)
 }
 
+/// A regular file of a tar: its header's BLAKE3 (the header holds its metadata), where
+/// its data starts in the tar, and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TarFile {
+    pub header: xfer_store::Digest,
+    pub data: u64,
+    pub len: u64,
+}
+
+/// The regular files of a tar, by path.
+pub type TarIndex = std::collections::HashMap<std::path::PathBuf, TarFile>;
+
 /// Unpacks the tar read from `r` into the (existing, empty) directory `into`, the way
 /// [`install`] does: permissions, owners and times kept, directories' times set after
 /// their content (so the same content captures to the same tar again).
 pub fn unpack_into<R: io::Read>(r: R, into: &Path) -> io::Result<()> {
+    unpack_into_indexed(r, into).map(drop)
+}
+
+/// [`unpack_into`], returning where each regular file lay in the tar.
+pub fn unpack_into_indexed<R: io::Read>(r: R, into: &Path) -> io::Result<TarIndex> {
+    let mut a = archive(r);
+    let mut dirs = Vec::new();
+    let mut index = TarIndex::new();
+    for e in a.entries()? {
+        let mut e = e?;
+        let kind = e.header().entry_type();
+        let mtime = e.header().mtime().ok();
+        let rel = e.path()?.into_owned();
+        if kind.is_file() {
+            let f = TarFile {
+                header: xfer_store::Digest::of(e.header().as_bytes()),
+                data: e.raw_file_position(),
+                len: e.size(),
+            };
+            index.insert(rel.clone(), f);
+        }
+        e.unpack_in(into)?;
+        if let (true, Some(t)) = (kind.is_dir(), mtime) {
+            dirs.push((into.join(rel), t));
+        }
+    }
+    set_dir_times(&dirs)?;
+    Ok(index)
+}
+
+fn archive<R: io::Read>(r: R) -> tar::Archive<R> {
     let mut a = tar::Archive::new(r);
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
     a.set_preserve_mtime(true);
     a.set_overwrite(true);
-    let mut dirs = Vec::new();
-    for e in a.entries()? {
-        let mut e = e?;
-        let is_dir = e.header().entry_type().is_dir();
-        let mtime = e.header().mtime().ok();
-        let rel = e.path()?.into_owned();
-        e.unpack_in(into)?;
-        if let (true, Some(t)) = (is_dir, mtime) {
-            dirs.push((into.join(rel), t));
-        }
-    }
+    a
+}
+
+/// Directories' times, deepest last in `dirs`, set deepest first.
+fn set_dir_times(dirs: &[(std::path::PathBuf, u64)]) -> io::Result<()> {
     for (d, t) in dirs.iter().rev() {
         let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*t);
         fs::File::open(d)?.set_modified(when)?;
     }
     Ok(())
+}
+
+/// What [`patch_unpacked`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Patched {
+    /// Regular files left as they were, and their bytes.
+    pub kept: u64,
+    pub kept_bytes: u64,
+    /// Entries written from the tar, and their bytes.
+    pub written: u64,
+    pub written_bytes: u64,
+    /// Paths removed (not in the tar).
+    pub removed: u64,
+}
+
+/// Turns `dir`, an unpacked copy of an earlier tar, into an unpacked copy of the tar
+/// at `tar_path`: a regular file for which `unchanged(path, its header, where its data
+/// starts in the tar)` says it is the same file (header and data) as the same path in
+/// the earlier tar is left alone (its data is not read here); every other entry is
+/// unpacked over it; what the tar no longer has is removed; directories get their
+/// times back. On error `dir` is in between: discard it.
+pub fn patch_unpacked(
+    dir: &Path,
+    tar_path: &Path,
+    mut unchanged: impl FnMut(&Path, &tar::Header, u64) -> bool,
+) -> io::Result<Patched> {
+    let mut a = archive(fs::File::open(tar_path)?);
+    let mut st = Patched::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut dirs = Vec::new();
+    for e in a.entries_with_seek()? {
+        let mut e = e?;
+        let kind = e.header().entry_type();
+        let mtime = e.header().mtime().ok();
+        let rel = e.path()?.into_owned();
+        seen.insert(rel.clone());
+        let here = dir.join(&rel);
+        if kind.is_file() {
+            let is_file = here.symlink_metadata().is_ok_and(|m| m.is_file());
+            if is_file && unchanged(&rel, e.header(), e.raw_file_position()) {
+                st.kept += 1;
+                st.kept_bytes += e.size();
+                continue;
+            }
+        }
+        // Another kind of entry now at this path: make room (unpacking a file does
+        // not replace a directory, nor a directory a file).
+        if let Ok(m) = here.symlink_metadata() {
+            if m.is_dir() && !kind.is_dir() {
+                fs::remove_dir_all(&here)?;
+            } else if !m.is_dir() && kind.is_dir() {
+                fs::remove_file(&here)?;
+            }
+        }
+        st.written += 1;
+        st.written_bytes += e.size();
+        e.unpack_in(dir)?;
+        if let (true, Some(t)) = (kind.is_dir(), mtime) {
+            dirs.push((here, t));
+        }
+    }
+    fn prune(
+        root: &Path,
+        rel: &Path,
+        seen: &std::collections::HashSet<std::path::PathBuf>,
+        removed: &mut u64,
+    ) -> io::Result<()> {
+        for e in fs::read_dir(root.join(rel))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let is_dir = e.file_type()?.is_dir();
+            if !seen.contains(&r) {
+                *removed += 1;
+                if is_dir {
+                    fs::remove_dir_all(e.path())?;
+                } else {
+                    fs::remove_file(e.path())?;
+                }
+            } else if is_dir {
+                prune(root, &r, seen, removed)?;
+            }
+        }
+        Ok(())
+    }
+    prune(dir, Path::new(""), &seen, &mut st.removed)?;
+    set_dir_times(&dirs)?;
+    Ok(st)
 }
 
 /// Replaces directory `target`'s content with tar `tar_path` (unpacked beside it,
