@@ -42,6 +42,8 @@ struct Staged {
     dir: PathBuf,
     /// Its tar's index if it succeeded, once it ended.
     done: Option<oneshot::Receiver<Option<TarIndex>>>,
+    /// Its thread's id (0 until it started).
+    tid: Arc<std::sync::atomic::AtomicI32>,
     index: Option<Arc<TarIndex>>,
 }
 
@@ -65,13 +67,13 @@ pub(super) struct Stages {
     ends: Mutex<Vec<oneshot::Receiver<()>>>,
 }
 
-/// Lowers the calling thread's CPU priority.
-fn lower_priority() {
-    // SAFETY: setpriority with PRIO_PROCESS and this thread's id changes only this
-    // thread's nice value (Linux: nice is per thread); it reads no memory of ours.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE) };
+/// Sets thread `tid`'s nice value (Linux: nice is per thread).
+fn set_nice(tid: libc::pid_t, nice: i32) {
+    // SAFETY: setpriority with PRIO_PROCESS and a thread id changes only that
+    // thread's nice value; it reads no memory of ours.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
     if r != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "could not lower a staging thread's priority");
+        warn!(tid, nice, error = %std::io::Error::last_os_error(), "could not change a staging thread's priority");
     }
 }
 
@@ -101,11 +103,16 @@ impl Stages {
                 self.stop.clone(),
             );
             let (tx, rx) = oneshot::channel();
+            let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+            let my_tid = tid.clone();
             let (end_tx, end_rx) = oneshot::channel();
             let spawned = std::thread::Builder::new()
                 .name("xfer-stage".into())
                 .spawn(move || {
-                    lower_priority();
+                    // SAFETY: gettid has no preconditions.
+                    let me = unsafe { libc::gettid() };
+                    my_tid.store(me, Ordering::Relaxed);
+                    set_nice(me, NICE);
                     let t = std::time::Instant::now();
                     let index = match crate::sync::stage_volume(&st, &m, &d, &stop) {
                         Ok(index) => {
@@ -140,6 +147,7 @@ impl Stages {
                     manifest: o.manifest.clone(),
                     dir,
                     done: Some(rx),
+                    tid,
                     index: None,
                 },
             );
@@ -147,23 +155,28 @@ impl Stages {
     }
 
     /// The staged copies usable for `wanted` (volume name -> the digest of its final
-    /// tar): waits for a staging of that very digest still running, never for one of
-    /// another digest (unpacking the final tar costs no more than that wait).
+    /// tar): waits for their stagings still running, back at normal priority (the
+    /// restore needs them now; one of another digest is patched after).
     pub async fn ready_for(&self, wanted: &HashMap<String, Digest>) -> HashMap<String, Ready> {
         let waits: Vec<(String, oneshot::Receiver<Option<TarIndex>>)> = {
             let mut map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
             let mut waits = Vec::new();
             for (n, s) in map.iter_mut() {
-                let Some(want) = wanted.get(n) else { continue };
+                if !wanted.contains_key(n) {
+                    continue;
+                }
                 let Some(mut done) = s.done.take() else {
                     continue;
                 };
                 match done.try_recv() {
                     Ok(index) => s.index = index.map(Arc::new),
-                    Err(oneshot::error::TryRecvError::Empty) if *want == s.digest => {
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        let tid = s.tid.load(Ordering::Relaxed);
+                        if tid != 0 {
+                            set_nice(tid, 0);
+                        }
                         waits.push((n.clone(), done));
                     }
-                    Err(oneshot::error::TryRecvError::Empty) => s.done = Some(done),
                     Err(oneshot::error::TryRecvError::Closed) => {}
                 }
             }
