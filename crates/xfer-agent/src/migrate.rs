@@ -1225,6 +1225,10 @@ pub async fn cutover<R: Runtime, D: Destination>(
             if let Some(cn) = chunks.source_net {
                 cn.cut(id).await;
             }
+            tracing::debug!(
+                ms = t.elapsed().as_secs_f64() * 1000.0,
+                "source copy cut off the network"
+            );
             if let Err(e) = rt.remove(id).await {
                 // The migration succeeded; a leftover source copy is reported, not fatal.
                 warn!(error = %e, "could not remove the source copy");

@@ -260,9 +260,14 @@ impl Node {
     }
 
     async fn cleanup_inbound(&self, migration_id: &str) {
-        let Some(mut inb) = self.inbound.lock().await.remove(migration_id) else {
+        let Some(inb) = self.inbound.lock().await.remove(migration_id) else {
             return;
         };
+        self.drop_inbound(migration_id, inb).await;
+    }
+
+    /// Removes what an inbound migration (already out of the map) holds.
+    async fn drop_inbound(&self, migration_id: &str, mut inb: Inbound) {
         // A round's tail fetch stops, and a deferred rebuild still writing into the
         // directory ends, before it goes.
         if let Some(p) = inb.pending.take() {
@@ -1625,7 +1630,18 @@ impl Agent for Node {
         let res = self.restore_inner(&r, &mut phases).instrument(span).await;
         match res {
             Ok(pid) => {
-                self.cleanup_inbound(&r.migration_id).await;
+                // The migration's files go after the reply: the source is waiting for
+                // it to let go of its copy (the entry leaves the map now, so nothing
+                // else uses them).
+                let inb = self.inbound.lock().await.remove(&r.migration_id);
+                if let Some(inb) = inb {
+                    let (node, mid) = (self.clone(), r.migration_id.clone());
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        node.drop_inbound(&mid, inb).await;
+                        debug!(migration = %mid, ms = t.elapsed().as_secs_f64() * 1000.0, "inbound files removed");
+                    });
+                }
                 info!(container = %r.container_id, pid, "restored");
                 Ok(Response::new(RestoreReply { pid, phases }))
             }

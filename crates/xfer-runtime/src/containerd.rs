@@ -732,12 +732,21 @@ impl Runtime for Containerd {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let t = std::time::Instant::now();
         self.kill_and_wait(id).await?;
+        let killed = t.elapsed();
         self.delete_task(id).await?;
+        let deleted = t.elapsed();
         let key = match self.container(id).await {
             Ok(r) => Some(r.snapshot_key),
             Err(_) => None,
         };
+        tracing::debug!(
+            container = id,
+            kill_ms = killed.as_secs_f64() * 1000.0,
+            delete_task_ms = (deleted - killed).as_secs_f64() * 1000.0,
+            "removing: task gone"
+        );
         match self
             .client()
             .containers()
@@ -748,7 +757,15 @@ impl Runtime for Containerd {
             Err(s) if s.code() == Code::NotFound => {}
             Err(s) => return Err(status(format!("delete container {id}"))(s)),
         }
-        self.remove_snapshot(key.as_deref().unwrap_or(id)).await
+        let dropped = t.elapsed();
+        let r = self.remove_snapshot(key.as_deref().unwrap_or(id)).await;
+        tracing::debug!(
+            container = id,
+            delete_container_ms = (dropped - deleted).as_secs_f64() * 1000.0,
+            remove_snapshot_ms = (t.elapsed() - dropped).as_secs_f64() * 1000.0,
+            "removed"
+        );
+        r
     }
 }
 
