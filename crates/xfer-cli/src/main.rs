@@ -640,6 +640,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "dump_bytes": r.dump_bytes,
                         "delta_raw_bytes": r.delta_raw_bytes,
                         "delta_wire_bytes": r.delta_wire_bytes,
+                        "pending_chunks": r.pending_chunks,
                         "sources": r.sources.iter().map(|s| serde_json::json!({
                             "source": s.source,
                             "chunks": s.chunks,
@@ -660,6 +661,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         r.delta_raw_bytes,
                         r.delta_wire_bytes
                     );
+                    if r.pending_chunks > 0 {
+                        println!(
+                            "           answered with {} chunks still arriving (they came during the next step)",
+                            r.pending_chunks
+                        );
+                    }
                     for src in &r.sources {
                         println!(
                             "           from {:<12} {:>8} chunks {:>12} B on the wire",
