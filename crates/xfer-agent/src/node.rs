@@ -373,10 +373,16 @@ impl Node {
         missing: &[xfer_store::Digest],
     ) -> Result<crate::chunks::FetchReport, AgentError> {
         let report = fetcher.fetch(wants).await.map_err(AgentError::Fetch)?;
-        if let Some(kb) = &self.kb {
-            kb.fetched(missing, &report);
-        }
+        self.fetched(missing, &report);
         Ok(report)
+    }
+
+    /// After a fetch of `ids`: the knowledge base (if any) learns they are here and
+    /// what the fetch measured of the sources.
+    pub(crate) fn fetched(&self, ids: &[xfer_store::Digest], report: &crate::chunks::FetchReport) {
+        if let Some(kb) = &self.kb {
+            kb.fetched(ids, report);
+        }
     }
 
     /// Drops from `objects` the read-only named volumes (`ro-NAME`) this node already
@@ -505,9 +511,7 @@ impl Node {
                     match tail::watch(&fetcher, &mut task, overlap).await {
                         tail::Watched::Done(res) => {
                             let rep = res.map_err(AgentError::Fetch)?;
-                            if let Some(kb) = &self.kb {
-                                kb.fetched(&missing, &rep);
-                            }
+                            self.fetched(&missing, &rep);
                             rep
                         }
                         tail::Watched::Early { eta } => {
@@ -828,7 +832,8 @@ impl Node {
                 .collect();
             let staged: HashMap<String, (stage::Ready, Option<xfer_store::manifest::Manifest>)> = {
                 let ready = stages.ready_for(&finals).await;
-                let rebuilt = rebuilt.lock().map(|r| r.clone()).unwrap_or_default();
+                // The final manifests of those volumes only (not every rebuilt file's).
+                let rebuilt = rebuilt.lock().unwrap_or_else(|p| p.into_inner());
                 ready
                     .into_iter()
                     .map(|(n, r)| {

@@ -479,6 +479,23 @@ pub fn open_store(dir: &Path) -> Result<Arc<Store>, AgentError> {
         .map_err(store_err("open the chunk store"))
 }
 
+/// Publishes directory `dir` as the volume object `rw-0` under `lease`; its manifest
+/// (tests).
+#[cfg(test)]
+pub(crate) fn publish_volume(store: &Store, dir: &Path, lease: &str) -> Manifest {
+    let (m, _) = publish(
+        store,
+        lease,
+        &[OutFile {
+            kind: FileKind::Volume,
+            name: "rw-0".into(),
+            path: dir.to_path_buf(),
+        }],
+    )
+    .expect("publish");
+    decode_objects(&m).expect("decode").remove(0).manifest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,20 +553,7 @@ mod tests {
         )
         .expect("chmod");
         std::os::unix::fs::symlink("sub/small", dir.join("link")).expect("symlink");
-        let (manifests, _) = publish(
-            &store,
-            "a",
-            &[OutFile {
-                kind: FileKind::Volume,
-                name: "rw-0".into(),
-                path: dir.clone(),
-            }],
-        )
-        .expect("publish");
-        let m = decode_objects(&manifests)
-            .expect("decode")
-            .remove(0)
-            .manifest;
+        let m = publish_volume(&store, &dir, "a");
         let staged = t.path().join("staged/rw-0");
         let go = std::sync::atomic::AtomicBool::new(false);
         let index = stage_volume(&store, &m, &staged, &go).expect("stage");

@@ -77,6 +77,18 @@ mod chunks {
         }
     }
 
+    /// Runs a fetch of `w` and drops it once `dest` holds `n` chunks.
+    async fn cut_short(f: &Fetcher<MemStore>, w: &[Want], dest: &MemStore, n: usize) {
+        tokio::select! {
+            r = f.fetch(w) => panic!("the fetch was not cut short: {r:?}"),
+            _ = async {
+                while dest.len() < n {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            } => {}
+        }
+    }
+
     fn peer(p: &FakePeer) -> Arc<dyn ChunkPeer> {
         Arc::new(p.clone())
     }
@@ -299,14 +311,7 @@ mod chunks {
         let f = Fetcher::new(dest.clone(), "origin", peer(&origin));
         let w = wants(&set, &[]);
         // Cancel the fetch (drop its future) once a quarter is stored.
-        tokio::select! {
-            r = f.fetch(&w) => panic!("the first fetch was not cut short: {r:?}"),
-            _ = async {
-                while dest.len() < 500 {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            } => {}
-        }
+        cut_short(&f, &w, &dest, 500).await;
         // Let verifications already running on blocking threads finish.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let have = dest.len();
@@ -385,14 +390,7 @@ mod chunks {
         let dest2 = Arc::new(MemStore::new());
         let f2 = Fetcher::new(dest2.clone(), "origin", peer(&origin2));
         let wc = wants(&c, &[]);
-        tokio::select! {
-            r = f2.fetch(&wc) => panic!("not cut short: {r:?}"),
-            _ = async {
-                while dest2.len() < 100 {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            } => {}
-        }
+        cut_short(&f2, &wc, &dest2, 100).await;
         assert!(f2.outstanding().remaining == 0, "{:?}", f2.outstanding());
     }
 

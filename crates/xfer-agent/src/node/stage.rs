@@ -321,24 +321,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
-    use crate::transfer::OutFile;
-
-    fn publish(store: &Store, dir: &Path, lease: &str) -> Manifest {
-        let (m, _) = crate::sync::publish(
-            store,
-            lease,
-            &[OutFile {
-                kind: FileKind::Volume,
-                name: "rw-0".into(),
-                path: dir.to_path_buf(),
-            }],
-        )
-        .expect("publish");
-        crate::sync::decode_objects(&m)
-            .expect("decode")
-            .remove(0)
-            .manifest
-    }
+    use crate::sync::publish_volume as publish;
 
     fn noise(n: usize, seed: u32) -> Vec<u8> {
         (0..n as u32)

@@ -195,9 +195,7 @@ pub(super) async fn finish(
     let report = res
         .map_err(|err| AgentError::Refused(format!("tail fetch task: {err}")))?
         .map_err(AgentError::Fetch)?;
-    if let Some(kb) = node.kb() {
-        kb.fetched(&e.ids, &report);
-    }
+    node.fetched(&e.ids, &report);
     Ok(RoundTail {
         round,
         chunks: report.fetched,
